@@ -1,0 +1,1 @@
+"""The ``consortia`` command line (typer): thin, it parses, calls the API, prints."""

@@ -1,0 +1,212 @@
+"""``consortia demo``: a whole federation on loopback, then a comparison table.
+
+The harness partitions a real table into one file per institution, starts the
+coordinator and one OS process per site (each is given only its own file), creates a
+tenant per site, submits the scenario's job and follows it. The baselines (centralized,
+local-only) are computed here, in the harness, clearly outside the coordinator.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from consortia.errors import ConsortiaError
+
+__all__ = ["Federation", "free_port", "run_demo"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Federation:
+    """Coordinator and site processes on loopback (used by the demo and e2e tests)."""
+
+    def __init__(self, workdir: Path, port: int | None = None, env: dict[str, str] | None = None) -> None:
+        self.workdir = workdir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.coord_home = workdir / "coordinator"
+        self.env = {**os.environ, **(env or {})}
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.sites: dict[str, subprocess.Popen[bytes]] = {}
+        self.logs = workdir / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+
+    def _spawn(self, args: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        out = open(self.logs / log, "ab")  # noqa: SIM115 - owned by the child process
+        return subprocess.Popen(
+            [sys.executable, "-m", "consortia.cli.main", *args], stdout=out, stderr=subprocess.STDOUT,
+            env={**self.env, **(env or {})}, start_new_session=True,
+        )  # fmt: skip
+
+    def start_coordinator(self, env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+        self.coordinator = self._spawn(
+            ["coordinator", "serve", "--home", str(self.coord_home), "--port", str(self.port)],
+            "coordinator.log", env,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.coordinator.poll() is not None:
+                raise ConsortiaError(f"coordinator exited early; see {self.logs / 'coordinator.log'}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        raise ConsortiaError(f"coordinator did not become healthy in {timeout:.0f}s")
+
+    def kill_coordinator(self) -> None:
+        """``kill -9`` the coordinator and reap it."""
+        if self.coordinator is not None and self.coordinator.poll() is None:
+            self.coordinator.send_signal(signal.SIGKILL)
+        if self.coordinator is not None:
+            self.coordinator.wait(timeout=30)
+
+    @property
+    def admin_token(self) -> str:
+        return (self.coord_home / "admin.token").read_text().strip()
+
+    def client(self):  # type: ignore[no-untyped-def]
+        from consortia.site.client import CoordinatorClient
+
+        return CoordinatorClient(self.url, self.admin_token)
+
+    def start_site(self, name: str, data: Path, token: str | None, poll_seconds: float = 5.0) -> None:
+        args = ["site", "run", "--coordinator", self.url, "--data", str(data),
+                "--home", str(self.workdir / "sites" / name), "--name", name,
+                "--poll-seconds", str(poll_seconds)]  # fmt: skip
+        if token:
+            args += ["--token", token]
+        self.sites[name] = self._spawn(args, f"site-{name}.log")
+
+    def kill_site(self, name: str) -> None:
+        proc = self.sites[name]
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        procs = [*self.sites.values(), *([self.coordinator] if self.coordinator else [])]
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(timeout=10)
+
+    def wait_sites(self, n: int, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self.client() as c:
+            while time.monotonic() < deadline:
+                if len(c.get_json("/v1/sites")) >= n:
+                    return
+                for name, p in self.sites.items():
+                    if p.poll() is not None:
+                        raise ConsortiaError(f"site {name} exited; see {self.logs / f'site-{name}.log'}")
+                time.sleep(0.2)
+        raise ConsortiaError(f"only some of {n} sites enrolled within {timeout:.0f}s")
+
+
+def run_demo(
+    *, scenario: str, n_sites: int | None, rounds: int | None, seed: int, workdir: Path | None,
+    headless: bool, report: Path | None, port: int | None, console: Console,
+) -> dict[str, Any]:  # fmt: skip
+    from consortia.cli.main import watch_job
+    from consortia.datasets.scenarios import load_scenario, write_partitions
+    from consortia.ml.baselines import centralized_and_local
+
+    started = time.monotonic()
+    sc = load_scenario(scenario, n_sites, rounds, seed)
+    workdir = Path(workdir or tempfile.mkdtemp(prefix=f"consortia-demo-{scenario}-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    paths = write_partitions(sc, workdir / "data")
+    console.print(f"[bold]Consortia demo[/] - scenario {scenario}, {len(paths)} sites, workspace {workdir}")
+    for site, path in paths.items():
+        console.print(f"  {site}: {len(sc.partitions[site])} rows -> {path.name} (read only by its own site process)")
+    fed = Federation(workdir, port)
+    try:
+        fed.start_coordinator()
+        console.print(f"coordinator up at {fed.url} (OpenAPI {fed.url}/docs); admin credential in "
+                      f"{fed.coord_home / 'admin.token'}")  # fmt: skip
+        with fed.client() as c:
+            for site, path in paths.items():
+                out = c.post_json("/v1/tenants", {"name": site, "regulated": scenario == "healthcare"})
+                fed.start_site(site, path, out["enrollment"]["token"])
+            fed.wait_sites(len(paths))
+            (workdir / "job.yaml").write_text(json.dumps(sc.spec, indent=2))
+            job = c.post_json("/v1/jobs", sc.spec)
+            console.print(f"job {job['id']} submitted: {sc.spec['rounds']} rounds of {sc.spec['strategy']['name']} "
+                          f"with {sc.spec['recipe']['name']}")  # fmt: skip
+            job = watch_job(c, job["id"], console)
+        if job["state"] != "completed":
+            raise ConsortiaError(f"job {job['id']} {job['state']}: {job['reason']}")
+        console.print("computing baselines (harness-side, outside the coordinator) ...")
+        base = centralized_and_local(sc.spec, sc.partitions)
+        fm = job["final_metrics"]
+        result = {
+            "scenario": scenario,
+            "seed": seed,
+            "rounds": sc.spec["rounds"],
+            "sites": list(paths),
+            "federated": {
+                "pooled_auc": fm["pooled_auc"],
+                "per_site": {s: {"auc": v["auc"], "accuracy": v["accuracy"], "n": v["n"]}
+                             for s, v in fm["per_site"].items()},  # fmt: skip
+            },
+            "centralized": base["centralized"],
+            "local_only": base["local_only"],
+            "job_id": job["id"],
+            "wall_seconds": round(time.monotonic() - started, 2),
+        }
+        _print_table(console, result)
+        if report is not None:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps(result, indent=2))
+            console.print(f"report written to {report}")
+        if not headless:
+            console.print(f"federation still serving at {fed.url}; Ctrl-C to stop.")
+            try:
+                while True:
+                    time.sleep(1)
+            except KeyboardInterrupt:
+                pass
+        return result
+    finally:
+        fed.stop()
+
+
+def _f(x: Any) -> str:
+    return f"{x:.4f}" if isinstance(x, float) else "-"
+
+
+def _print_table(console: Console, r: dict[str, Any]) -> None:
+    table = Table("site", "test rows", "federated AUC", "centralized AUC", "local-only AUC",
+                  title=f"{r['scenario']}: test-split AUC per site and pooled (seed {r['seed']})")  # fmt: skip
+    for s in r["sites"]:
+        fed = r["federated"]["per_site"].get(s, {})
+        table.add_row(s, str(fed.get("n", "-")), _f(fed.get("auc")),
+                      _f(r["centralized"]["per_site"][s]["auc"]), _f(r["local_only"]["per_site"][s]["auc"]))  # fmt: skip
+    table.add_row("[bold]pooled[/]", str(sum(v["n"] for v in r["federated"]["per_site"].values())),
+                  _f(r["federated"]["pooled_auc"]), _f(r["centralized"]["pooled_auc"]),
+                  _f(r["local_only"]["pooled_auc_mean"]) + " (mean)")  # fmt: skip
+    console.print(table)

@@ -1,0 +1,313 @@
+"""``consortia``: coordinator, tenants, sites, jobs and the demo."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+import yaml
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from consortia.errors import ConsortiaError
+
+app = typer.Typer(help="Consortia: federated MLOps across institutions.", no_args_is_help=True,
+                  pretty_exceptions_enable=False)  # fmt: skip
+coordinator_app = typer.Typer(help="Run the coordinator (control plane).", no_args_is_help=True)
+tenant_app = typer.Typer(help="Manage tenants (institutions).", no_args_is_help=True)
+site_app = typer.Typer(help="Run a site agent beside an institution's data.", no_args_is_help=True)
+job_app = typer.Typer(help="Submit and follow federated jobs.", no_args_is_help=True)
+credential_app = typer.Typer(help="Issue credentials for people (operator, approver, auditor).",
+                             no_args_is_help=True)  # fmt: skip
+app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(tenant_app, name="tenant")
+app.add_typer(site_app, name="site")
+app.add_typer(job_app, name="job")
+app.add_typer(credential_app, name="credential")
+
+console = Console()
+err = Console(stderr=True)
+
+CoordinatorOpt = Annotated[str, typer.Option("--coordinator", envvar="CONSORTIA_COORDINATOR",
+                                              help="coordinator URL")]  # fmt: skip
+TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CONSORTIA_TOKEN",
+                                              help="bearer credential (default: HOME/admin.token)")]  # fmt: skip
+HomeOpt = Annotated[Path | None, typer.Option("--home", envvar="CONSORTIA_HOME",
+                                              help="coordinator home to read admin.token from")]  # fmt: skip
+DEFAULT_URL = "http://127.0.0.1:8700"
+
+
+def _client(coordinator: str, token: str | None, home: Path | None):  # type: ignore[no-untyped-def]
+    from consortia.site.client import CoordinatorClient
+
+    if token is None and home is not None:
+        path = home / "admin.token"
+        if not path.exists():
+            raise ConsortiaError(f"no credential: {path} does not exist; pass --token.")
+        token = path.read_text().strip()
+    if token is None:
+        raise ConsortiaError("no credential: pass --token, set CONSORTIA_TOKEN or --home.")
+    return CoordinatorClient(coordinator, token)
+
+
+# ---------------------------------------------------------------------------- coordinator
+
+
+@coordinator_app.command("serve")
+def coordinator_serve(
+    home: Annotated[Path, typer.Option(help="state directory (database, blobs, admin.token)")],
+    host: Annotated[str, typer.Option(help="bind address")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8700,
+    db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL (default: SQLite under --home)")] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
+) -> None:
+    """Start the coordinator API (OpenAPI at /docs)."""
+    import uvicorn
+
+    from consortia.coordinator import Settings, create_app
+
+    settings = Settings(home=home, db_url=db)
+    fresh = not settings.admin_credential_path.exists()
+    application = create_app(settings)
+    if fresh and settings.admin_credential_path.exists():
+        err.print(f"admin credential created: {settings.admin_credential_path} (mode 0600)")
+    else:
+        err.print(f"admin credential: {settings.admin_credential_path}")
+    err.print(f"coordinator listening on http://{host}:{port} (OpenAPI: /docs), db {settings.database_url}")
+    uvicorn.run(application, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=2)
+
+
+# ---------------------------------------------------------------------------- tenants
+
+
+@tenant_app.command("create")
+def tenant_create(
+    name: str,
+    regulated: Annotated[bool, typer.Option("--regulated", help="mark as a regulated institution")] = False,
+    coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:  # fmt: skip
+    """Create a tenant and print its one-time enrollment token."""
+    with _client(coordinator, token, home) as c:
+        out = c.post_json("/v1/tenants", {"name": name, "regulated": regulated})
+    if as_json:
+        console.print_json(data=out)
+        return
+    console.print(f"tenant [bold]{name}[/] created{' (regulated)' if regulated else ''}")
+    console.print(f"enrollment token (one-time, expires {out['enrollment']['expires_at']}):")
+    print(out["enrollment"]["token"])
+
+
+@tenant_app.command("list")
+def tenant_list(coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None) -> None:
+    """List tenants visible to this credential."""
+    with _client(coordinator, token, home) as c:
+        tenants = c.get_json("/v1/tenants")
+        sites = c.get_json("/v1/sites")
+    table = Table("tenant", "regulated", "sites")
+    for t in tenants:
+        table.add_row(t["name"], "yes" if t["regulated"] else "no",
+                      ", ".join(s["name"] for s in sites if s["tenant"] == t["name"]))  # fmt: skip
+    console.print(table)
+
+
+@tenant_app.command("enroll-token")
+def tenant_enroll_token(name: str, coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None,
+                        home: HomeOpt = None) -> None:  # fmt: skip
+    """Issue another one-time enrollment token for a tenant."""
+    with _client(coordinator, token, home) as c:
+        print(c.post_json(f"/v1/tenants/{name}/enrollment-tokens", {})["token"])
+
+
+@credential_app.command("create")
+def credential_create(
+    name: str,
+    role: Annotated[str, typer.Option(help="operator, approver, auditor or admin")],
+    tenant: Annotated[str | None, typer.Option(help="scope to one tenant")] = None,
+    coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None,
+) -> None:  # fmt: skip
+    """Issue a credential (admin only); prints the token once."""
+    with _client(coordinator, token, home) as c:
+        out = c.post_json("/v1/credentials", {"name": name, "role": role, "tenant": tenant})
+    print(out["token"])
+
+
+# ---------------------------------------------------------------------------- site
+
+
+@site_app.command("run")
+def site_run(
+    coordinator: Annotated[str, typer.Option(help="coordinator URL")],
+    data: Annotated[Path, typer.Option(help="local CSV or Parquet file (never leaves the site)")],
+    home: Annotated[Path, typer.Option(help="site state: credential, model cache")],
+    token: Annotated[str | None, typer.Option(help="one-time enrollment token (first run)")] = None,
+    name: Annotated[str | None, typer.Option(help="site name (default: data file stem)")] = None,
+    poll_seconds: Annotated[float, typer.Option(help="long-poll duration")] = 20.0,
+) -> None:
+    """Enroll (first run), then long-poll for tasks and run them on local data."""
+    import torch
+
+    from consortia.site.agent import SiteAgent, load_or_enroll
+
+    torch.set_num_threads(1)
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s site[{name or data.stem}] %(message)s")
+    site_name = name or data.stem
+    credential = load_or_enroll(coordinator, token, home, site_name)
+    agent = SiteAgent(coordinator, credential, data, home, site_name, poll_seconds=poll_seconds)
+    try:
+        agent.run()
+    except KeyboardInterrupt:
+        agent.stop.set()
+
+
+# ---------------------------------------------------------------------------- jobs
+
+
+def _read_spec(path: Path) -> Any:
+    if not path.is_file():
+        raise ConsortiaError(f"spec file {path} not found.")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise ConsortiaError(f"{path} is not valid YAML: {exc}") from exc
+
+
+@job_app.command("submit")
+def job_submit(
+    spec: Path, coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:  # fmt: skip
+    """Validate and submit SPEC.yaml; prints the job id."""
+    raw = _read_spec(spec)
+    with _client(coordinator, token, home) as c:
+        job = c.post_json("/v1/jobs", raw)
+    if as_json:
+        console.print_json(data=job)
+    else:
+        print(job["id"])
+
+
+def _job_table(job: dict[str, Any]) -> Table:
+    table = Table("round", "kind", "attempt", "state", "reported", "pooled AUC (val)", "train loss", "failed / refused",
+                  title=f"job {job['id']} {job['name']}: {job['state']}")  # fmt: skip
+    for r in job["rounds"]:
+        m = r["metrics"] or {}
+        val = (m.get("validation_of_incoming_model") or {}).get("pooled_auc")
+        if r["kind"] == "evaluate":
+            val = m.get("pooled_auc")
+        loss = m.get("train_loss")
+        table.add_row(
+            str(r["number"]), r["kind"], str(r["attempt"]), r["state"],
+            f"{len(r['reported'])}/{len(r['sampled'])}",
+            f"{val:.4f}" if isinstance(val, float) else "",
+            f"{loss:.4f}" if isinstance(loss, float) else "",
+            "; ".join(f"{k}: {v}" for k, v in r["failed"].items())[:120],
+        )  # fmt: skip
+    return table
+
+
+@job_app.command("status")
+def job_status(
+    job_id: int, coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:  # fmt: skip
+    """Show a job: state, rounds, metrics, refusals."""
+    with _client(coordinator, token, home) as c:
+        job = c.get_json(f"/v1/jobs/{job_id}")
+    if as_json:
+        print(json.dumps(job, indent=2))
+        return
+    console.print(_job_table(job))
+    if job["reason"]:
+        console.print(f"[red]reason:[/] {job['reason']}")
+    if job["final_metrics"]:
+        console.print(f"final pooled AUC (test): {job['final_metrics']['pooled_auc']:.4f}")
+
+
+def watch_job(client: Any, job_id: int, out: Console = console, poll: float = 0.5) -> dict[str, Any]:
+    """Follow a job with a progress bar per round until it finishes; returns the job."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} sites"),
+                  TextColumn("{task.fields[info]}"), console=out, transient=False) as progress:  # fmt: skip
+        bars: dict[tuple[int, int], Any] = {}
+        while True:
+            job = client.get_json(f"/v1/jobs/{job_id}")
+            for r in job["rounds"]:
+                key = (r["number"], r["attempt"])
+                m = r["metrics"] or {}
+                val = (m.get("validation_of_incoming_model") or {}).get("pooled_auc") or m.get("pooled_auc")
+                info = r["state"] + (f"  AUC {val:.4f}" if isinstance(val, float) else "")
+                if key not in bars:
+                    label = f"round {r['number']:>3} {r['kind']:<8}" + (f" retry {r['attempt']}" if r["attempt"] else "")
+                    bars[key] = progress.add_task(label, total=max(len(r["sampled"]), 1), info=info)
+                progress.update(bars[key], completed=len(r["reported"]), info=info)
+            if job["state"] in ("completed", "failed", "cancelled"):
+                return job  # type: ignore[no-any-return]
+            time.sleep(poll)
+
+
+@job_app.command("watch")
+def job_watch(job_id: int, coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None,
+              home: HomeOpt = None) -> None:  # fmt: skip
+    """Follow a job live: a progress bar per round (sites reported, metrics)."""
+    with _client(coordinator, token, home) as c:
+        job = watch_job(c, job_id)
+    console.print(f"job {job_id}: {job['state']}" + (f" ({job['reason']})" if job["reason"] else ""))
+    if job["state"] != "completed":
+        raise typer.Exit(1)
+
+
+@job_app.command("list")
+def job_list(coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None) -> None:
+    """List jobs."""
+    with _client(coordinator, token, home) as c:
+        jobs = c.get_json("/v1/jobs")["jobs"]
+    table = Table("id", "name", "state", "rounds", "pooled AUC")
+    for j in jobs:
+        auc = (j["final_metrics"] or {}).get("pooled_auc")
+        table.add_row(str(j["id"]), j["name"], j["state"], f"{j['rounds_completed']}/{j['rounds_requested']}",
+                      f"{auc:.4f}" if auc else "")  # fmt: skip
+    console.print(table)
+
+
+# ---------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+def demo(
+    scenario: Annotated[str, typer.Option(help="finance or healthcare")] = "finance",
+    sites: Annotated[int | None, typer.Option(help="number of sites (default: all of the scenario's)")] = None,
+    rounds: Annotated[int | None, typer.Option(help="training rounds (default per scenario)")] = None,
+    seed: Annotated[int, typer.Option(help="seed for splits, sampling and init")] = 0,
+    workdir: Annotated[Path | None, typer.Option(help="workspace (default: a new temp dir)")] = None,
+    headless: Annotated[bool, typer.Option(help="exit when done instead of serving until Ctrl-C")] = False,
+    report: Annotated[Path | None, typer.Option(help="write the JSON report here")] = None,
+    port: Annotated[int | None, typer.Option(help="coordinator port (default: a free one)")] = None,
+) -> None:
+    """Run a whole federation on loopback: coordinator + one process per site."""
+    from consortia.cli.demo import run_demo
+
+    run_demo(scenario=scenario, n_sites=sites, rounds=rounds, seed=seed, workdir=workdir,
+             headless=headless, report=report, port=port, console=console)  # fmt: skip
+
+
+def main() -> None:
+    """Entry point: one-line errors, never a traceback, for anything we anticipated."""
+    logging.basicConfig(level=os.environ.get("CONSORTIA_LOG", "WARNING"))
+    try:
+        app()
+    except ConsortiaError as exc:
+        err.print(f"[red]error:[/] {exc.message}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

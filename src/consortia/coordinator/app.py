@@ -1,0 +1,134 @@
+"""The coordinator's FastAPI application, built by :func:`create_app` from settings."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from consortia import __version__
+from consortia.coordinator.api import jobs, tasks, tenants
+from consortia.coordinator.services.rounds import RoundService
+from consortia.coordinator.services.tenants import TenantService
+from consortia.coordinator.settings import Settings
+from consortia.errors import ConsortiaError
+from consortia.store.blobs import BlobStore
+from consortia.store.db import make_engine, upgrade
+from consortia.store.sqlstore import SqlStore
+
+__all__ = ["create_app", "write_admin_credential"]
+
+log = logging.getLogger("consortia.coordinator")
+
+
+def write_admin_credential(path: Path, token: str) -> None:
+    """Write the admin token readable by its owner only (mode 0600)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(token + "\n")
+    os.chmod(path, 0o600)
+
+
+def _error(status: int, code: str, detail: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": code, "detail": detail})
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """Build the coordinator: database (migrated), blob store, services, routes, ticker."""
+    settings.home.mkdir(parents=True, exist_ok=True)
+    engine = make_engine(settings.database_url)
+    upgrade(engine)
+    store = SqlStore(engine)
+    blobs = BlobStore(settings.blob_dir)
+    tenant_service = TenantService(store, settings)
+    rounds = RoundService(store, blobs, max_poll_seconds=settings.max_poll_seconds)
+    token = tenant_service.ensure_admin()
+    if token is not None:
+        write_admin_credential(settings.admin_credential_path, token)
+        log.warning("admin credential written to %s (mode 0600)", settings.admin_credential_path)
+
+    registry = CollectorRegistry()
+    requests_total = Counter("consortia_http_requests", "HTTP requests", ["method", "status"], registry=registry)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        rounds.recover(settings.restart_grace_fraction)
+
+        async def ticker() -> None:
+            while True:
+                try:
+                    await rounds.tick()
+                except ConsortiaError as exc:
+                    log.warning("round tick: %s", exc.message)
+                except Exception:
+                    log.exception("round tick failed")
+                await asyncio.sleep(settings.tick_seconds)
+
+        task = asyncio.create_task(ticker())
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            engine.dispose()
+
+    app = FastAPI(
+        title="Consortia coordinator", version=__version__, lifespan=lifespan,
+        description="Control plane of a Consortia federation. Every call needs a bearer credential.",
+    )  # fmt: skip
+    app.state.settings = settings
+    app.state.store = store
+    app.state.blobs = blobs
+    app.state.rounds = rounds
+    app.state.tenants = tenant_service
+
+    @app.exception_handler(ConsortiaError)
+    async def _consortia_error(request: Request, exc: ConsortiaError) -> JSONResponse:
+        return _error(exc.status, exc.code, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()[:8]]
+        return _error(422, "invalid_request", "; ".join(parts))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return _error(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        return _error(500, "internal", "internal error; the coordinator log has the details.")
+
+    @app.middleware("http")
+    async def _count(request: Request, call_next):  # type: ignore[no-untyped-def]
+        response = await call_next(request)
+        requests_total.labels(request.method, str(response.status_code)).inc()
+        return response
+
+    @app.get("/healthz", tags=["ops"])
+    def healthz() -> dict[str, str]:
+        """Liveness (no credential needed, no data returned)."""
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/metrics", tags=["ops"])
+    def metrics() -> Response:
+        """Prometheus metrics of the coordinator process (no tenant data)."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    app.include_router(tenants.router)
+    app.include_router(tasks.router)
+    app.include_router(jobs.router)
+    return app

@@ -1,0 +1,1 @@
+"""Coordinator services: the logic the HTTP routes call. Routes hold no SQL."""

@@ -1,0 +1,487 @@
+"""Jobs and rounds: a persisted state machine driven by arrivals and a deadline ticker.
+
+A job runs round 0 (``profile``: sites send sums and category counts, the coordinator
+agrees the preprocessing plan and initialises the model), rounds 1..R (``train``), and
+round R+1 (``evaluate``: every site scores the final model on its test split).
+
+A round closes when ``min_sites`` sites have reported and either every sampled site has
+answered or the deadline has passed. Below ``min_sites`` at the deadline it is abandoned
+and retried with a fresh sample, at most ``max_round_retries`` times; then the job fails
+with the reason. Closing is idempotent: aggregation reads the round's accepted updates
+(unique per site, in site order) from the content-addressed store, so a coordinator
+killed mid-aggregation recomputes the same bytes after restart, and the round's state,
+the new global model's hash and the next round are committed in one transaction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+from collections import OrderedDict
+from datetime import timedelta
+from typing import Any
+
+import numpy as np
+
+from consortia.coordinator.faults import crash_point
+from consortia.core.aggregate import WeightedSum
+from consortia.core.metrics import SCORE_BINS, auc_from_histograms
+from consortia.core.params import Params, check_compatible
+from consortia.core.strategies import make_strategy
+from consortia.errors import (
+    ConflictError,
+    ConsortiaError,
+    PermissionDeniedError,
+    SpecError,
+    UpdateError,
+    ValidationError,
+)
+from consortia.ml.data import merge_profiles
+from consortia.ml.recipes import init_params, validate_recipe
+from consortia.protocol.schemas import (
+    EvaluationResult,
+    JobSpec,
+    ProfileResult,
+    RefusalRequest,
+    TaskPublic,
+    TaskResultPublic,
+)
+from consortia.protocol.tensors import decode, encode
+from consortia.store.blobs import BlobStore
+from consortia.store.entities import Job, Principal, Round, Site, Task, utcnow
+from consortia.store.sqlstore import SqlStore
+
+__all__ = ["RoundService", "SiteNotifier", "parse_spec"]
+
+log = logging.getLogger("consortia.coordinator.rounds")
+
+
+def parse_spec(raw: Any) -> JobSpec:
+    """Validate a job spec; raise :class:`SpecError` naming each bad field."""
+    from pydantic import ValidationError as PydanticValidationError
+
+    if not isinstance(raw, dict):
+        raise SpecError("job spec must be a mapping (YAML object) with name, recipe, features, ...")
+    try:
+        spec = JobSpec.model_validate(raw)
+    except PydanticValidationError as exc:
+        parts = []
+        for err in exc.errors()[:8]:
+            loc = ".".join(str(p) for p in err["loc"]) or "spec"
+            parts.append(f"{loc}: {err['msg']}")
+        raise SpecError("invalid job spec: " + "; ".join(parts)) from exc
+    validate_recipe(spec.recipe.name, spec.recipe.options)
+    options = dict(spec.strategy.options)
+    try:
+        make_strategy(spec.strategy.name, options)
+    except ConsortiaError as exc:
+        raise SpecError(f"strategy.options: {exc.message}") from exc
+    return spec
+
+
+class SiteNotifier:
+    """Wakes a site's long poll when a task is created for it (no thread is held)."""
+
+    def __init__(self) -> None:
+        self._events: dict[int, asyncio.Event] = {}
+
+    def event(self, site_id: int) -> asyncio.Event:
+        ev = self._events.get(site_id)
+        if ev is None:
+            ev = self._events[site_id] = asyncio.Event()
+        return ev
+
+    def wake(self, site_ids: list[int]) -> None:
+        for sid in site_ids:
+            ev = self._events.get(sid)
+            if ev is not None:
+                ev.set()
+
+
+class RoundService:
+    """Submits jobs, hands out tasks, receives answers and closes rounds."""
+
+    def __init__(self, store: SqlStore, blobs: BlobStore, *, max_poll_seconds: float = 30.0) -> None:
+        self.store = store
+        self.blobs = blobs
+        self.notifier = SiteNotifier()
+        self.max_poll_seconds = max_poll_seconds
+        self._locks: dict[int, asyncio.Lock] = {}
+        self._cache: OrderedDict[str, Params] = OrderedDict()
+
+    # ------------------------------------------------------------------ helpers
+
+    def _lock(self, job_id: int) -> asyncio.Lock:
+        return self._locks.setdefault(job_id, asyncio.Lock())
+
+    def params(self, digest: str) -> Params:
+        """Decoded parameters of a stored model (small LRU cache)."""
+        if digest in self._cache:
+            self._cache.move_to_end(digest)
+            return self._cache[digest]
+        params, _ = decode(self.blobs.get(digest))
+        self._cache[digest] = params
+        while len(self._cache) > 4:
+            self._cache.popitem(last=False)
+        return params
+
+    def _eligible(self, spec: JobSpec) -> list[Site]:
+        return [s for s in self.store.list_sites(names=spec.tenants) if s.status == "active"]
+
+    @staticmethod
+    def _sample(spec: JobSpec, sites: list[Site], number: int, attempt: int, kind: str) -> list[Site]:
+        if kind != "train" or spec.fraction >= 1.0:
+            return sites
+        k = min(len(sites), max(spec.min_sites, math.ceil(spec.fraction * len(sites))))
+        rng = np.random.default_rng([spec.seed, number, attempt])
+        idx = np.sort(rng.choice(len(sites), size=k, replace=False))
+        return [sites[i] for i in idx]
+
+    def _open(
+        self, job_id: int, spec: JobSpec, number: int, attempt: int, kind: str,
+        global_in: str | None, **close: Any,
+    ) -> Round:  # fmt: skip
+        sites = self._sample(spec, self._eligible(spec), number, attempt, kind)
+        rnd = self.store.open_round(
+            job_id=job_id, number=number, attempt=attempt, kind=kind, global_in=global_in,
+            deadline_at=utcnow() + timedelta(seconds=spec.round_deadline_seconds),
+            site_ids=[s.id for s in sites], **close,
+        )  # fmt: skip
+        self.notifier.wake([s.id for s in sites])
+        return rnd
+
+    # ------------------------------------------------------------------ jobs
+
+    def submit(self, raw_spec: Any, principal: Principal) -> Job:
+        spec = parse_spec(raw_spec)
+        sites = self._eligible(spec)
+        if len(sites) < spec.min_sites:
+            raise ConflictError(
+                f"min_sites is {spec.min_sites} but only {len(sites)} active site(s) are enrolled"
+                + (f" in tenants {spec.tenants}" if spec.tenants else "")
+                + "; enroll more sites or lower min_sites."
+            )
+        canonical = spec.model_dump(mode="json")
+        spec_hash = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+        job = self.store.create_job(spec.name, canonical, spec_hash, principal.credential_id)
+        self._open(job.id, spec, 0, 0, "profile", None)
+        return self.store.get_job(job.id)
+
+    def recover(self, grace_fraction: float) -> None:
+        """After a restart: give open rounds back part of their deadline, since sites could
+        not report while the coordinator was down."""
+        now = utcnow()
+        for rnd in self.store.open_rounds():
+            spec = JobSpec.model_validate(self.store.get_job(rnd.job_id).spec)
+            floor = now + timedelta(seconds=grace_fraction * spec.round_deadline_seconds)
+            if rnd.deadline_at < floor:
+                self.store.extend_deadline(rnd.id, floor)
+            self.store.add_event(rnd.job_id, "coordinator_restarted", {"round": rnd.number})
+
+    # ------------------------------------------------------------------ tasks
+
+    def task_public(self, task: Task, spec: JobSpec, preprocessing: dict[str, Any] | None) -> TaskPublic:
+        payload: dict[str, Any] = {"spec": spec.model_dump(mode="json")}
+        if preprocessing is not None:
+            payload["preprocessing"] = preprocessing
+        return TaskPublic(
+            id=task.id, job_id=task.job_id, kind=task.kind, round=task.round_number,
+            attempt=task.attempt, deadline_at=task.deadline_at, global_hash=task.global_in,
+            payload=payload,
+        )  # fmt: skip
+
+    def deliverable(self, site_id: int) -> list[TaskPublic]:
+        tasks = self.store.deliverable_tasks(site_id)
+        out = []
+        for t in tasks:
+            job = self.store.get_job(t.job_id)
+            out.append(self.task_public(t, JobSpec.model_validate(job.spec), job.preprocessing))
+        for t in tasks:
+            if t.kind == "train":
+                crash_point("tasks_handed_out", t.round_number)
+        return out
+
+    async def poll(self, principal: Principal, wait: float) -> list[TaskPublic]:
+        """Long poll: answer at once if tasks are waiting, else wait on an event (no
+        thread held) until one is created or ``wait`` seconds pass."""
+        assert principal.site_id is not None
+        self.store.touch_site(principal.site_id)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + min(max(wait, 0.0), self.max_poll_seconds)
+        while True:
+            ev = self.notifier.event(principal.site_id)
+            ev.clear()
+            tasks = self.deliverable(principal.site_id)
+            remaining = end - loop.time()
+            if tasks or remaining <= 0:
+                return tasks
+            try:
+                await asyncio.wait_for(ev.wait(), timeout=remaining)
+            except TimeoutError:
+                return []
+
+    def _own_task(self, principal: Principal, task_id: int) -> Task:
+        task = self.store.get_task(task_id)
+        if principal.site_id != task.site_id:
+            raise PermissionDeniedError(
+                f"task {task_id} belongs to another site; a site may only answer its own tasks."
+            )
+        return task
+
+    def may_read_blob(self, principal: Principal, digest: str) -> bool:
+        if principal.role == "site":
+            return principal.site_id is not None and self.store.site_may_read_blob(principal.site_id, digest)
+        return principal.role in ("admin", "operator", "auditor") and principal.tenant_id is None
+
+    async def receive_update(self, principal: Principal, task_id: int, body: bytes) -> dict[str, Any]:
+        """Validate and record a model update; malformed ones fail the site's task."""
+        task = self._own_task(principal, task_id)
+        if task.kind != "train":
+            raise ConflictError(f"task {task_id} is a {task.kind} task; send its result to /result.")
+        try:
+            params, meta = decode(body)
+            assert task.global_in is not None
+            check_compatible(self.params(task.global_in), params)
+            num_examples, metrics = _update_metadata(meta)
+        except UpdateError as exc:
+            self.store.complete_task(task, state="failed", reason=exc.message, rule="update_validation")
+            raise
+        digest = self.blobs.put(body)
+        status = self.store.record_update(
+            task, blob_hash=digest, num_examples=num_examples, nbytes=len(body), metrics=metrics
+        )
+        crash_point("update_stored", task.round_number)
+        if status == "accepted":
+            self._schedule_check(task.round_id)
+        return {"status": status, "blob": digest, "round": task.round_number}
+
+    async def receive_result(self, principal: Principal, task_id: int, result: TaskResultPublic) -> dict[str, Any]:
+        task = self._own_task(principal, task_id)
+        if task.kind == "profile" and result.profile is None:
+            raise ValidationError("a profile task needs a 'profile' result.")
+        if task.kind == "evaluate" and result.evaluation is None:
+            raise ValidationError("an evaluate task needs an 'evaluation' result.")
+        if task.kind == "train":
+            raise ConflictError(f"task {task_id} is a train task; upload a safetensors update instead.")
+        if result.evaluation is not None:
+            _check_histograms(result.evaluation)
+        status = self.store.complete_task(task, state="completed", result=result.model_dump(mode="json"))
+        if status == "recorded":
+            self._schedule_check(task.round_id)
+        return {"status": status}
+
+    async def refuse(self, principal: Principal, task_id: int, req: RefusalRequest) -> dict[str, Any]:
+        task = self._own_task(principal, task_id)
+        status = self.store.complete_task(task, state="refused", reason=req.reason, rule=req.rule)
+        if status == "recorded":
+            self._schedule_check(task.round_id)
+        return {"status": status}
+
+    # ------------------------------------------------------------------ closing rounds
+
+    def _schedule_check(self, round_id: int) -> None:
+        task = asyncio.get_running_loop().create_task(self.check_round(round_id))
+        task.add_done_callback(_log_failure)
+
+    async def tick(self) -> None:
+        for rnd in self.store.open_rounds():
+            await self.check_round(rnd.id)
+
+    async def check_round(self, round_id: int) -> None:
+        rnd = self.store.get_round(round_id)
+        async with self._lock(rnd.job_id):
+            rnd = self.store.get_round(round_id)
+            if rnd.state != "open":
+                return
+            job = self.store.get_job(rnd.job_id)
+            spec = JobSpec.model_validate(job.spec)
+            completed = [t for t in rnd.tasks if t.state == "completed"]
+            answered = [t for t in rnd.tasks if t.state in ("completed", "failed", "refused", "late")]
+            expired = utcnow() >= rnd.deadline_at
+            everyone = len(answered) == len(rnd.tasks)
+            if len(completed) >= spec.min_sites and (everyone or expired):
+                await self._close(job, spec, rnd)
+            elif expired or everyone:
+                self._retry_or_fail(job, spec, rnd, completed)
+
+    def _retry_or_fail(self, job: Job, spec: JobSpec, rnd: Round, completed: list[Task]) -> None:
+        why = [f"{t.site}: {t.state}" + (f" ({t.rule}: {t.reason})" if t.reason else "")
+               for t in rnd.tasks if t.state != "completed"]  # fmt: skip
+        reason = (
+            f"round {rnd.number} ({rnd.kind}, attempt {rnd.attempt + 1}): {len(completed)} of "
+            f"{len(rnd.tasks)} sampled site(s) reported, min_sites is {spec.min_sites}"
+            + (f"; {'; '.join(why)}" if why else "")
+        )
+        close = {"close": rnd, "close_state": "abandoned", "close_fields": {"reason": reason}}
+        if rnd.attempt < spec.max_round_retries:
+            log.warning("job %s: %s; retrying with a fresh sample", job.id, reason)
+            self._open(job.id, spec, rnd.number, rnd.attempt + 1, rnd.kind, rnd.global_in, **close)
+        else:
+            log.warning("job %s failed: %s", job.id, reason)
+            self.store.finish_job(
+                job.id, state="failed",
+                reason=f"{reason}; gave up after {rnd.attempt + 1} attempt(s).", **close,
+            )  # fmt: skip
+
+    async def _close(self, job: Job, spec: JobSpec, rnd: Round) -> None:
+        if rnd.kind == "profile":
+            await self._close_profile(job, spec, rnd)
+        elif rnd.kind == "train":
+            await self._close_train(job, spec, rnd)
+        else:
+            self._close_evaluate(job, spec, rnd)
+
+    async def _close_profile(self, job: Job, spec: JobSpec, rnd: Round) -> None:
+        done = [t for t in rnd.tasks if t.state == "completed"]
+        profiles = [ProfileResult.model_validate(t.result["profile"]) for t in done if t.result]
+        plan = merge_profiles(profiles, spec)
+        params = await asyncio.to_thread(
+            init_params, spec.recipe.name, plan.input_dim, spec.recipe.options, spec.seed
+        )
+        strategy = make_strategy(spec.strategy.name, spec.strategy.options)
+        global_hash = self.blobs.put(encode(params))
+        state = strategy.init_state(params)
+        state_hash = self.blobs.put(encode(state)) if state else None
+        metrics = {"sites": [t.site for t in done], "rows": sum(p.rows for p in profiles),
+                   "input_dim": plan.input_dim}  # fmt: skip
+        self._open(
+            job.id, spec, 1, 0, "train", global_hash, close=rnd,
+            close_fields={"global_out": global_hash, "metrics": metrics},
+            job_fields={"preprocessing": plan.model_dump(mode="json"), "global_hash": global_hash,
+                        "state_hash": state_hash},
+        )  # fmt: skip
+
+    async def _close_train(self, job: Job, spec: JobSpec, rnd: Round) -> None:
+        updates = self.store.round_updates(rnd.id)
+        assert rnd.global_in is not None
+        current = self.params(rnd.global_in)
+        state = decode(self.blobs.get(job.state_hash))[0] if job.state_hash else {}
+        new_params, new_state = await asyncio.to_thread(
+            self._aggregate, spec, rnd.number, current, state, [(u.blob_hash, u.num_examples) for u in updates]
+        )
+        global_hash = self.blobs.put(encode(new_params))
+        state_hash = self.blobs.put(encode(new_state)) if new_state else None
+        crash_point("model_written", rnd.number)
+        metrics = _round_metrics(updates)
+        close = {
+            "close": rnd,
+            "close_fields": {"global_out": global_hash, "state_out": state_hash, "metrics": metrics},
+            "job_fields": {"global_hash": global_hash, "state_hash": state_hash,
+                           "rounds_completed": rnd.number},
+        }  # fmt: skip
+        if rnd.number < spec.rounds:
+            self._open(job.id, spec, rnd.number + 1, 0, "train", global_hash, **close)
+        else:
+            self._open(job.id, spec, rnd.number + 1, 0, "evaluate", global_hash, **close)
+
+    def _aggregate(
+        self, spec: JobSpec, number: int, current: Params, state: Params, updates: list[tuple[str, int]]
+    ) -> tuple[Params, Params]:
+        acc = WeightedSum(current)
+        for i, (digest, n) in enumerate(updates):
+            params, _ = decode(self.blobs.get(digest, verify=True))
+            acc.add(params, float(n), check=False)  # validated on arrival, hash re-verified
+            if i == len(updates) // 2:
+                crash_point("mid_aggregation", number)
+        strategy = make_strategy(spec.strategy.name, spec.strategy.options)
+        return strategy.apply(current, acc.mean(), state)
+
+    def _close_evaluate(self, job: Job, spec: JobSpec, rnd: Round) -> None:
+        done = [t for t in rnd.tasks if t.state == "completed" and t.result]
+        evals = {t.site: EvaluationResult.model_validate(t.result["evaluation"]) for t in done}  # type: ignore[index]
+        metrics = _pool(evals)
+        self.store.finish_job(
+            job.id, state="completed", reason=None, close=rnd, close_fields={"metrics": metrics},
+            job_fields={"final_metrics": metrics, "global_hash": rnd.global_in},
+        )  # fmt: skip
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        exc = task.exception()
+        if isinstance(exc, ConflictError):
+            return  # another closer won the race: expected
+        log.error("closing a round failed", exc_info=exc)
+
+
+def _check_histograms(ev: EvaluationResult) -> None:
+    if len(ev.neg_hist) != SCORE_BINS or len(ev.pos_hist) != SCORE_BINS:
+        raise ValidationError(f"score histograms must have {SCORE_BINS} bins each.")
+    if any(c < 0 for c in ev.neg_hist) or any(c < 0 for c in ev.pos_hist):
+        raise ValidationError("score histogram counts must be >= 0.")
+    if sum(ev.neg_hist) + sum(ev.pos_hist) != ev.n:
+        raise ValidationError("score histogram counts must add up to n.")
+
+
+def _update_metadata(meta: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    try:
+        n = int(meta.get("num_examples", ""))
+    except ValueError as exc:
+        raise UpdateError("update metadata 'num_examples' must be an integer > 0.") from exc
+    if n <= 0:
+        raise UpdateError(f"num_examples == {n}, must be > 0.")
+    metrics: dict[str, Any] = {}
+    if "train_loss" in meta:
+        try:
+            loss = float(meta["train_loss"])
+        except ValueError as exc:
+            raise UpdateError("update metadata 'train_loss' must be a number.") from exc
+        if not math.isfinite(loss):
+            raise UpdateError("update metadata 'train_loss' must be finite.")
+        metrics["train_loss"] = loss
+    if "evaluation" in meta:
+        try:
+            ev = EvaluationResult.model_validate_json(meta["evaluation"])
+        except Exception as exc:
+            raise UpdateError(f"update metadata 'evaluation' is invalid: {exc}") from exc
+        try:
+            _check_histograms(ev)
+        except ValidationError as exc:
+            raise UpdateError(exc.message) from exc
+        metrics["evaluation"] = ev.model_dump(mode="json")
+    return n, metrics
+
+
+def _pool(evals: dict[str, EvaluationResult]) -> dict[str, Any]:
+    """Per-site metrics and a pooled AUC from summed score histograms."""
+    neg = np.zeros(SCORE_BINS, np.int64)
+    pos = np.zeros(SCORE_BINS, np.int64)
+    per_site: dict[str, Any] = {}
+    n = 0
+    loss = acc = 0.0
+    for site, ev in sorted(evals.items()):
+        neg += np.asarray(ev.neg_hist, np.int64)
+        pos += np.asarray(ev.pos_hist, np.int64)
+        per_site[site] = {"auc": ev.auc, "accuracy": ev.accuracy, "loss": ev.loss, "n": ev.n}
+        n += ev.n
+        loss += ev.loss * ev.n
+        acc += ev.accuracy * ev.n
+    pooled = auc_from_histograms(neg, pos)
+    return {
+        "pooled_auc": None if np.isnan(pooled) else float(pooled),
+        "pooled_accuracy": acc / n if n else None,
+        "pooled_loss": loss / n if n else None,
+        "n": n,
+        "per_site": per_site,
+    }
+
+
+def _round_metrics(updates: list[Any]) -> dict[str, Any]:
+    evals = {
+        u.site: EvaluationResult.model_validate(u.metrics["evaluation"])
+        for u in updates
+        if u.metrics and "evaluation" in u.metrics
+    }
+    pooled = _pool(evals) if evals else {}
+    total = sum(u.num_examples for u in updates)
+    train_loss = sum((u.metrics or {}).get("train_loss", 0.0) * u.num_examples for u in updates)
+    return {
+        "sites_reported": [u.site for u in updates],
+        "examples": total,
+        "train_loss": train_loss / total if total else None,
+        "bytes_received": sum(u.nbytes for u in updates),
+        "validation_of_incoming_model": pooled,
+    }

@@ -1,0 +1,1 @@
+"""Pure numerical core: parameters, aggregation strategies, metrics. No I/O here."""

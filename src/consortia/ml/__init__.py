@@ -1,0 +1,1 @@
+"""Model recipes (torch) and the federated preprocessing they need."""

@@ -1,0 +1,333 @@
+"""Pydantic models for everything that crosses a process boundary.
+
+Job specs are validated here, so a bad spec fails with a message that names its field
+(``rounds: Input should be greater than or equal to 1``) before anything is persisted.
+Tensors never travel as JSON: they are safetensors bodies addressed by SHA-256.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "CategoricalStats",
+    "CredentialCreate",
+    "CredentialPublic",
+    "EnrollRequest",
+    "EnrollResponse",
+    "EnrollmentTokenPublic",
+    "EvaluationResult",
+    "FeatureSpec",
+    "JobEventPublic",
+    "JobPublic",
+    "JobSpec",
+    "JobsPublic",
+    "LabelSpec",
+    "NumericStats",
+    "PreprocessingPlan",
+    "PreprocessingSpec",
+    "ProfileResult",
+    "RecipeSpec",
+    "RefusalRequest",
+    "RoundPublic",
+    "SitePublic",
+    "StrategySpec",
+    "TaskPublic",
+    "TaskResultPublic",
+    "TasksPublic",
+    "TenantCreate",
+    "TenantCreated",
+    "TenantPublic",
+]
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+Name = Annotated[str, Field(pattern=NAME_RE.pattern, description="1-63 of [A-Za-z0-9_.-]")]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# ----------------------------------------------------------------------------- job spec
+
+
+class RecipeSpec(_Strict):
+    """Which built-in model recipe to train, and its hyperparameters."""
+
+    name: Literal["logistic_regression", "mlp", "cnn"]
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class FeatureSpec(_Strict):
+    """One input column: numeric (standardised with federated statistics) or categorical
+    (one-hot over a vocabulary that is either declared or agreed across sites)."""
+
+    name: str = Field(min_length=1, max_length=200)
+    type: Literal["numeric", "categorical"]
+    vocabulary: list[str] | Literal["agreed"] | None = None
+
+    @model_validator(mode="after")
+    def _vocabulary_only_for_categorical(self) -> FeatureSpec:
+        if self.type == "numeric" and self.vocabulary is not None:
+            raise ValueError(f"feature {self.name!r} is numeric; 'vocabulary' is for categorical")
+        if self.type == "categorical" and isinstance(self.vocabulary, list):
+            if not self.vocabulary:
+                raise ValueError(f"feature {self.name!r}: vocabulary list is empty")
+            if len(set(self.vocabulary)) != len(self.vocabulary):
+                raise ValueError(f"feature {self.name!r}: vocabulary has duplicates")
+        return self
+
+
+class LabelSpec(_Strict):
+    """Binary label: rows equal to ``positive`` are 1; rows in ``negative`` (or, when it is
+    omitted, every other non-missing value) are 0; other rows are excluded."""
+
+    column: str = Field(min_length=1)
+    positive: str
+    negative: list[str] | None = None
+
+
+class StrategySpec(_Strict):
+    """Server-side aggregation strategy (see :mod:`consortia.core.strategies`)."""
+
+    name: Literal["fedavg", "fedprox", "fedadam", "fedyogi", "fedadagrad"] = "fedavg"
+    options: dict[str, float] = Field(default_factory=dict)
+
+
+class PreprocessingSpec(_Strict):
+    """How preprocessing statistics are agreed across sites."""
+
+    standardize: bool = True
+    min_category_count: int = Field(default=5, ge=1, description="suppress rarer categories")
+
+
+class JobSpec(_Strict):
+    """A federated training job, as written in ``SPEC.yaml``."""
+
+    name: Name
+    recipe: RecipeSpec
+    features: list[FeatureSpec] = Field(min_length=1)
+    label: LabelSpec
+    strategy: StrategySpec = StrategySpec()
+    preprocessing: PreprocessingSpec = PreprocessingSpec()
+    rounds: int = Field(ge=1, le=10_000)
+    min_sites: int = Field(default=2, ge=1)
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0)
+    round_deadline_seconds: float = Field(default=120.0, gt=0.0, le=86_400.0)
+    max_round_retries: int = Field(default=3, ge=0, le=100)
+    local_epochs: int = Field(default=1, ge=1, le=1000)
+    batch_size: int = Field(default=64, ge=1, le=1_000_000)
+    learning_rate: float = Field(default=0.05, gt=0.0, le=10.0)
+    seed: int = Field(default=0, ge=0, le=2**31 - 1)
+    split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    tenants: list[str] | None = Field(default=None, description="restrict to these tenants")
+
+    @field_validator("split")
+    @classmethod
+    def _split_sums_to_one(cls, v: tuple[float, float, float]) -> tuple[float, float, float]:
+        if any(x <= 0 for x in v) or abs(sum(v) - 1.0) > 1e-6:
+            raise ValueError("split must be three positive fractions summing to 1")
+        return v
+
+    @model_validator(mode="after")
+    def _cross_field(self) -> JobSpec:
+        names = [f.name for f in self.features]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"features: duplicate column(s) {dupes}")
+        if self.label.column in names:
+            raise ValueError(f"label.column {self.label.column!r} is also listed as a feature")
+        if self.strategy.name == "fedprox" and "proximal_mu" not in self.strategy.options:
+            pass  # FedProx default mu applies
+        return self
+
+
+# ----------------------------------------------------------------------------- preprocessing
+
+
+class NumericStats(_Strict):
+    count: int = Field(ge=0)
+    sum: float
+    sumsq: float = Field(ge=0)
+
+
+class CategoricalStats(_Strict):
+    counts: dict[str, int]
+    suppressed: int = Field(default=0, ge=0, description="rows in categories below min count")
+
+
+class ProfileResult(_Strict):
+    """What a site sends for the preprocessing agreement: sums and category counts over
+    its training split, small counts suppressed, never rows."""
+
+    rows: int = Field(ge=0)
+    numeric: dict[str, NumericStats]
+    categorical: dict[str, CategoricalStats]
+
+
+class PreprocessingPlan(_Strict):
+    """The agreed transform: every site maps its rows to the same feature vector."""
+
+    numeric: dict[str, tuple[float, float]] = Field(description="name -> (mean, std)")
+    categorical: dict[str, list[str]] = Field(description="name -> vocabulary")
+    feature_order: list[str]
+
+    @property
+    def input_dim(self) -> int:
+        return sum(1 if n in self.numeric else len(self.categorical[n]) for n in self.feature_order)
+
+
+class EvaluationResult(_Strict):
+    """A site's evaluation of a global model on its own held-out split."""
+
+    n: int = Field(ge=0)
+    loss: float
+    accuracy: float = Field(ge=0.0, le=1.0)
+    auc: float | None = None
+    neg_hist: list[int]
+    pos_hist: list[int]
+
+    @field_validator("loss")
+    @classmethod
+    def _finite(cls, v: float) -> float:
+        if v != v or v in (float("inf"), float("-inf")):
+            raise ValueError("loss must be finite")
+        return v
+
+
+class TaskResultPublic(_Strict):
+    """JSON result of a profile or evaluate task."""
+
+    profile: ProfileResult | None = None
+    evaluation: EvaluationResult | None = None
+
+
+class RefusalRequest(_Strict):
+    """A site declines a task; ``rule`` names the check or policy rule that refused it."""
+
+    reason: str = Field(min_length=1, max_length=2000)
+    rule: str = Field(min_length=1, max_length=200)
+
+
+# ----------------------------------------------------------------------------- tenants, auth
+
+
+class TenantCreate(_Strict):
+    name: Name
+    regulated: bool = False
+
+
+class TenantPublic(BaseModel):
+    name: str
+    regulated: bool
+    created_at: datetime
+
+
+class EnrollmentTokenPublic(BaseModel):
+    tenant: str
+    token: str
+    expires_at: datetime
+
+
+class TenantCreated(BaseModel):
+    tenant: TenantPublic
+    enrollment: EnrollmentTokenPublic
+
+
+class EnrollRequest(_Strict):
+    enrollment_token: str = Field(min_length=10, max_length=200)
+    site_name: Name
+
+
+class EnrollResponse(BaseModel):
+    site_id: int
+    site_name: str
+    tenant: str
+    credential: str
+
+
+class CredentialCreate(_Strict):
+    role: Literal["admin", "operator", "approver", "auditor"]
+    tenant: str | None = None
+    name: Name
+    ttl_days: float = Field(default=365.0, gt=0, le=3650)
+
+
+class CredentialPublic(BaseModel):
+    name: str
+    role: str
+    tenant: str | None
+    token: str
+    expires_at: datetime
+
+
+class SitePublic(BaseModel):
+    id: int
+    name: str
+    tenant: str
+    status: str
+    created_at: datetime
+    last_seen_at: datetime | None
+
+
+# ----------------------------------------------------------------------------- tasks, jobs
+
+
+class TaskPublic(BaseModel):
+    """A unit of work for one site. ``kind`` selects the site's handler (profile, train,
+    evaluate; more to come); ``payload`` holds what the handler needs."""
+
+    id: int
+    job_id: int
+    kind: str
+    round: int
+    attempt: int
+    deadline_at: datetime
+    global_hash: str | None
+    payload: dict[str, Any]
+
+
+class TasksPublic(BaseModel):
+    tasks: list[TaskPublic]
+
+
+class RoundPublic(BaseModel):
+    number: int
+    kind: str
+    attempt: int
+    state: str
+    sampled: list[str]
+    reported: list[str]
+    failed: dict[str, str]
+    deadline_at: datetime
+    closed_at: datetime | None
+    metrics: dict[str, Any]
+
+
+class JobPublic(BaseModel):
+    id: int
+    name: str
+    state: str
+    reason: str | None
+    rounds_requested: int
+    rounds_completed: int
+    created_at: datetime
+    finished_at: datetime | None
+    spec: dict[str, Any]
+    rounds: list[RoundPublic]
+    final_metrics: dict[str, Any] | None
+    model_hash: str | None
+
+
+class JobsPublic(BaseModel):
+    jobs: list[JobPublic]
+
+
+class JobEventPublic(BaseModel):
+    at: datetime
+    kind: str
+    detail: dict[str, Any]

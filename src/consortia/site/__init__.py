@@ -1,0 +1,1 @@
+"""The site agent: runs beside an institution's data, outbound connections only."""

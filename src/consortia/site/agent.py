@@ -1,0 +1,116 @@
+"""The site agent loop: enroll once, long-poll, run tasks, answer; never accept inbound
+connections. Survives coordinator outages (exponential backoff) and its own restarts
+(credential and model cache under ``--home``; an unanswered task is delivered again)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from pathlib import Path
+
+from consortia.errors import (
+    AuthError,
+    ConflictError,
+    ConsortiaError,
+    CoordinatorUnavailable,
+    SchemaMismatchError,
+    SpecError,
+)
+from consortia.ml.data import load_table
+from consortia.protocol.schemas import TaskPublic
+from consortia.site.client import CoordinatorClient
+from consortia.site.tasks import HANDLERS, SiteContext
+
+__all__ = ["SiteAgent", "load_or_enroll"]
+
+log = logging.getLogger("consortia.site")
+
+
+def load_or_enroll(coordinator: str, token: str | None, home: Path, name: str) -> str:
+    """The site credential from ``home/credential.json``, enrolling with ``token`` once."""
+    path = home / "credential.json"
+    if path.exists():
+        return str(json.loads(path.read_text())["credential"])
+    if not token:
+        raise AuthError(f"no credential in {path} and no --token given; pass the enrollment token.")
+    delay = 1.0
+    while True:
+        try:
+            with CoordinatorClient(coordinator) as c:
+                resp = c.enroll(token, name)
+            break
+        except CoordinatorUnavailable as exc:
+            log.warning("enrollment: %s; retrying in %.0fs", exc.message, delay)
+            time.sleep(delay)
+            delay = min(delay * 2, 30.0)
+    home.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump({"coordinator": coordinator, "site": resp.site_name, "tenant": resp.tenant,
+                   "credential": resp.credential}, fh)  # fmt: skip
+    log.info("enrolled as site %r of tenant %r", resp.site_name, resp.tenant)
+    return resp.credential
+
+
+class SiteAgent:
+    """Polls the coordinator and dispatches tasks to :data:`HANDLERS` by kind."""
+
+    def __init__(
+        self, coordinator: str, credential: str, data: str | Path, home: str | Path, name: str,
+        *, poll_seconds: float = 20.0, max_backoff: float = 15.0,
+    ) -> None:  # fmt: skip
+        self.client = CoordinatorClient(coordinator, credential)
+        self.ctx = SiteContext(name=name, home=Path(home), client=self.client, frame=load_table(data))
+        self.poll_seconds = poll_seconds
+        self.max_backoff = max_backoff
+        self.stop = threading.Event()
+
+    def _retrying(self, fn, *args):  # type: ignore[no-untyped-def]
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                return fn(*args)
+            except CoordinatorUnavailable as exc:
+                log.warning("%s; retrying in %.1fs", exc.message, delay)
+                self.stop.wait(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.max_backoff)
+        return None
+
+    def handle(self, task: TaskPublic) -> None:
+        handler = HANDLERS.get(task.kind)
+        log.info("task %s: %s round %s (job %s)", task.id, task.kind, task.round, task.job_id)
+        try:
+            if handler is None:
+                self._retrying(self.client.refuse, task.id,
+                               f"this site does not know task kind {task.kind!r}", "task_kind")  # fmt: skip
+                return
+            self._retrying(handler, self.ctx, task)
+        except (SchemaMismatchError, SpecError) as exc:
+            log.warning("refusing task %s: %s", task.id, exc.message)
+            rule = "schema" if isinstance(exc, SchemaMismatchError) else "data"
+            self._retrying(self.client.refuse, task.id, exc.message, rule)
+        except ConflictError as exc:
+            log.info("task %s no longer wanted: %s", task.id, exc.message)
+        except ConsortiaError as exc:
+            log.error("task %s failed: %s", task.id, exc.message)
+
+    def run(self) -> None:
+        """Poll and work until :attr:`stop` is set."""
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                tasks = self.client.poll(self.poll_seconds)
+                delay = 0.5
+            except CoordinatorUnavailable as exc:
+                log.warning("%s; reconnecting in %.1fs", exc.message, delay)
+                self.stop.wait(delay * (0.5 + random.random()))
+                delay = min(delay * 2, self.max_backoff)
+                continue
+            for task in tasks:
+                if self.stop.is_set():
+                    break
+                self.handle(task)

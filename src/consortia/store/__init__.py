@@ -1,0 +1,1 @@
+"""Persistence: SQLAlchemy store with Alembic migrations, and a content-addressed blob store."""

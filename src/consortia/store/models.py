@@ -1,0 +1,177 @@
+"""ORM rows. They stay inside the store; callers get plain values or protocol models."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+__all__ = [
+    "Base",
+    "CredentialRow",
+    "EnrollmentTokenRow",
+    "JobEventRow",
+    "JobRow",
+    "RoundRow",
+    "SiteRow",
+    "TaskRow",
+    "TenantRow",
+    "UpdateRow",
+]
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone on read)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):  # type: ignore[no-untyped-def]
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to the store; use consortia.store.utcnow()")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value, dialect):  # type: ignore[no-untyped-def]
+        if value is not None and value.tzinfo is None:
+            return value.replace(tzinfo=UTC)
+        return value
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime()}
+
+class TenantRow(Base):
+    __tablename__ = "tenants"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    regulated: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime]
+
+class SiteRow(Base):
+    __tablename__ = "sites"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime | None]
+
+class CredentialRow(Base):
+    """A bearer credential. Only the SHA-256 of the token is stored."""
+
+    __tablename__ = "credentials"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str] = mapped_column(String(63))
+    role: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), index=True)
+    site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id"), index=True)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+class EnrollmentTokenRow(Base):
+    """A one-time token that lets a new site join its tenant."""
+
+    __tablename__ = "enrollment_tokens"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    created_at: Mapped[datetime]
+    expires_at: Mapped[datetime]
+    used_at: Mapped[datetime | None]
+    site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id"))
+
+class JobRow(Base):
+    __tablename__ = "jobs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    spec: Mapped[dict[str, Any]]
+    spec_hash: Mapped[str] = mapped_column(String(64))
+    preprocessing: Mapped[dict[str, Any] | None]
+    global_hash: Mapped[str | None] = mapped_column(String(64))
+    state_hash: Mapped[str | None] = mapped_column(String(64))
+    rounds_completed: Mapped[int] = mapped_column(Integer, default=0)
+    final_metrics: Mapped[dict[str, Any] | None]
+    submitted_by: Mapped[int | None] = mapped_column(ForeignKey("credentials.id"))
+    created_at: Mapped[datetime]
+    finished_at: Mapped[datetime | None]
+
+class RoundRow(Base):
+    """One attempt at one round. ``kind`` is profile (round 0), train (1..R) or evaluate
+    (R+1). A retried round gets a new row with ``attempt + 1``; the old row is abandoned
+    and anything that still arrives for it is recorded as late."""
+
+    __tablename__ = "rounds"
+    __table_args__ = (UniqueConstraint("job_id", "number", "attempt"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    kind: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    global_in: Mapped[str | None] = mapped_column(String(64))
+    global_out: Mapped[str | None] = mapped_column(String(64))
+    state_out: Mapped[str | None] = mapped_column(String(64))
+    metrics: Mapped[dict[str, Any] | None]
+    reason: Mapped[str | None] = mapped_column(Text)
+    deadline_at: Mapped[datetime]
+    created_at: Mapped[datetime]
+    closed_at: Mapped[datetime | None]
+
+class TaskRow(Base):
+    __tablename__ = "tasks"
+    __table_args__ = (UniqueConstraint("round_id", "site_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    rule: Mapped[str | None] = mapped_column(String(200))
+    result: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime]
+    delivered_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+
+class UpdateRow(Base):
+    """A received model update. Unique per (round, site): a resend is acknowledged but
+    never stored or applied twice. ``status`` is accepted or late."""
+
+    __tablename__ = "updates"
+    __table_args__ = (UniqueConstraint("round_id", "site_id"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    round_id: Mapped[int] = mapped_column(ForeignKey("rounds.id"), index=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("tasks.id"))
+    site_id: Mapped[int] = mapped_column(ForeignKey("sites.id"))
+    blob_hash: Mapped[str] = mapped_column(String(64))
+    num_examples: Mapped[int] = mapped_column(Integer)
+    nbytes: Mapped[int] = mapped_column(Integer)
+    metrics: Mapped[dict[str, Any] | None]
+    status: Mapped[str] = mapped_column(String(16))
+    received_at: Mapped[datetime]
+
+class JobEventRow(Base):
+    """Append-only log of everything that happens to a job."""
+
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    at: Mapped[datetime]
+    kind: Mapped[str] = mapped_column(String(40))
+    detail: Mapped[dict[str, Any]]
+
