@@ -306,6 +306,7 @@ class RoundPublic(BaseModel):
     deadline_at: datetime
     closed_at: datetime | None
     metrics: dict[str, Any]
+    reason: str | None = None
 
 
 class JobPublic(BaseModel):

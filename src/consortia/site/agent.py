@@ -12,18 +12,11 @@ import threading
 import time
 from pathlib import Path
 
-from consortia.errors import (
-    AuthError,
-    ConflictError,
-    ConsortiaError,
-    CoordinatorUnavailable,
-    SchemaMismatchError,
-    SpecError,
-)
+from consortia.errors import AuthError, ConflictError, ConsortiaError, CoordinatorUnavailable
 from consortia.ml.data import load_table
 from consortia.protocol.schemas import TaskPublic
 from consortia.site.client import CoordinatorClient
-from consortia.site.tasks import HANDLERS, SiteContext
+from consortia.site.tasks import SiteContext, dispatch
 
 __all__ = ["SiteAgent", "load_or_enroll"]
 
@@ -81,18 +74,10 @@ class SiteAgent:
         return None
 
     def handle(self, task: TaskPublic) -> None:
-        handler = HANDLERS.get(task.kind)
+        """Run one task, retrying while the coordinator is unreachable."""
         log.info("task %s: %s round %s (job %s)", task.id, task.kind, task.round, task.job_id)
         try:
-            if handler is None:
-                self._retrying(self.client.refuse, task.id,
-                               f"this site does not know task kind {task.kind!r}", "task_kind")  # fmt: skip
-                return
-            self._retrying(handler, self.ctx, task)
-        except (SchemaMismatchError, SpecError) as exc:
-            log.warning("refusing task %s: %s", task.id, exc.message)
-            rule = "schema" if isinstance(exc, SchemaMismatchError) else "data"
-            self._retrying(self.client.refuse, task.id, exc.message, rule)
+            self._retrying(dispatch, self.ctx, task)
         except ConflictError as exc:
             log.info("task %s no longer wanted: %s", task.id, exc.message)
         except ConsortiaError as exc:

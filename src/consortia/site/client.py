@@ -48,11 +48,15 @@ class CoordinatorClient:
 
     def __init__(
         self, base_url: str, token: str | None = None, *, transport: httpx.BaseTransport | None = None,
-        timeout: float = 60.0,
+        timeout: float = 60.0, http: httpx.Client | None = None,
     ) -> None:  # fmt: skip
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
-        self._http = httpx.Client(base_url=self.base_url, headers=headers, transport=transport, timeout=timeout)
+        if http is not None:  # e.g. FastAPI's TestClient in tests
+            http.headers.update(headers)
+            self._http = http
+        else:
+            self._http = httpx.Client(base_url=self.base_url, headers=headers, transport=transport, timeout=timeout)
 
     def close(self) -> None:
         self._http.close()

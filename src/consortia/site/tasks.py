@@ -26,7 +26,7 @@ from consortia.protocol.schemas import JobSpec, PreprocessingPlan, TaskPublic, T
 from consortia.protocol.tensors import decode, encode
 from consortia.site.client import CoordinatorClient
 
-__all__ = ["HANDLERS", "Prepared", "SiteContext", "prepare", "register", "task_seed"]
+__all__ = ["HANDLERS", "Prepared", "SiteContext", "dispatch", "prepare", "register", "task_seed"]
 
 log = logging.getLogger("consortia.site")
 
@@ -152,3 +152,17 @@ def handle_evaluate(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     X = transform(p.frame.iloc[p.test], plan)
     evaluation = evaluate_scores(_scores(spec, params, X), p.y[p.test])
     return ctx.client.submit_result(task.id, TaskResultPublic(evaluation=evaluation))
+
+
+def dispatch(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
+    """Run ``task`` with its handler; refuse it (with the rule) when the site cannot or
+    will not do it: unknown kind, data that does not match the schema, no usable rows."""
+    handler = HANDLERS.get(task.kind)
+    if handler is None:
+        return ctx.client.refuse(task.id, f"this site does not know task kind {task.kind!r}", "task_kind")
+    try:
+        return handler(ctx, task)
+    except (SchemaMismatchError, SpecError) as exc:
+        log.warning("refusing task %s: %s", task.id, exc.message)
+        rule = "schema" if isinstance(exc, SchemaMismatchError) else "data"
+        return ctx.client.refuse(task.id, exc.message, rule)

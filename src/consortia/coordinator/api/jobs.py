@@ -31,7 +31,7 @@ def job_public(rounds: RoundsDep, job: Job) -> JobPublic:
                 reported=[t.site for t in r.tasks if t.state == "completed"],
                 failed={t.site: f"{t.state}: {t.rule or ''} {t.reason or ''}".strip()
                         for t in r.tasks if t.state in ("failed", "refused", "expired", "late")},
-                deadline_at=r.deadline_at, closed_at=r.closed_at, metrics=r.metrics or {},
+                deadline_at=r.deadline_at, closed_at=r.closed_at, metrics=r.metrics or {}, reason=r.reason,
             )
             for r in rows
         ],
