@@ -1,0 +1,1 @@
+from fedtools import federation  # noqa: F401  (fixture)
