@@ -69,8 +69,12 @@ class Coord:
         token = self.tenant(tenant)
         resp = self.client(None).enroll(token, name or tenant)
         c = self.client(resp.credential)
-        ctx = SiteContext(name=resp.site_name, home=(tmp or self.home) / f"site-{resp.site_name}", client=c,
-                          frame=frame if frame is not None else synthetic_frame(300, hash(tenant) % 1000))
+        ctx = SiteContext(
+            name=resp.site_name,
+            home=(tmp or self.home) / f"site-{resp.site_name}",
+            client=c,
+            frame=frame if frame is not None else synthetic_frame(300, hash(tenant) % 1000),
+        )
         return ctx
 
     def wait_job(self, job_id: int, sites: list[SiteContext], timeout: float = 60, states=("completed", "failed")):

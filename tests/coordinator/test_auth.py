@@ -60,9 +60,23 @@ def test_site_of_tenant_a_cannot_touch_tenant_b(coord):
     b_task = b.client.poll(0)[0]
     a_token = a.client._http.headers["Authorization"].split()[1]
     # A cannot answer, refuse or upload for B's task
-    assert_error(raw(coord, "POST", f"/v1/tasks/{b_task.id}/refuse", a_token, json={"reason": "x", "rule": "y"}), 403, "forbidden")
+    assert_error(
+        raw(coord, "POST", f"/v1/tasks/{b_task.id}/refuse", a_token, json={"reason": "x", "rule": "y"}),
+        403,
+        "forbidden",
+    )
     assert_error(raw(coord, "POST", f"/v1/tasks/{b_task.id}/result", a_token, json={}), 403, "forbidden")
-    assert_error(raw(coord, "POST", f"/v1/tasks/{b_task.id}/update", a_token, content=encode({"w": __import__("numpy").ones(1, "float32")}, {"num_examples": "1"})), 403, "forbidden")
+    assert_error(
+        raw(
+            coord,
+            "POST",
+            f"/v1/tasks/{b_task.id}/update",
+            a_token,
+            content=encode({"w": __import__("numpy").ones(1, "float32")}, {"num_examples": "1"}),
+        ),
+        403,
+        "forbidden",
+    )
     # A's polls never return B's tasks
     assert all(t.id != b_task.id for t in a.client.poll(0))
     # sites cannot read tenants, other sites, or jobs
@@ -120,8 +134,14 @@ def test_expired_and_revoked_credentials_are_refused(coord):
     from consortia.store.entities import utcnow
 
     store = coord.http.app.state.store
-    store.add_credential(token_hash=hash_token("cst_operator_old"), name="old", role="operator",
-                         tenant_id=None, site_id=None, expires_at=utcnow() - timedelta(days=1))
+    store.add_credential(
+        token_hash=hash_token("cst_operator_old"),
+        name="old",
+        role="operator",
+        tenant_id=None,
+        site_id=None,
+        expires_at=utcnow() - timedelta(days=1),
+    )
     resp = raw(coord, "GET", "/v1/jobs", "cst_operator_old")
     assert_error(resp, 401, "unauthenticated")
     assert "expired" in resp.json()["detail"]

@@ -14,7 +14,12 @@ def test_job_runs_profile_train_evaluate_and_pools_auc(coord):
     assert job["state"] == "completed", job["reason"]
     assert job["rounds_completed"] == 2
     kinds = [(r["number"], r["kind"], r["state"]) for r in job["rounds"]]
-    assert kinds == [(0, "profile", "closed"), (1, "train", "closed"), (2, "train", "closed"), (3, "evaluate", "closed")]
+    assert kinds == [
+        (0, "profile", "closed"),
+        (1, "train", "closed"),
+        (2, "train", "closed"),
+        (3, "evaluate", "closed"),
+    ]
     fm = job["final_metrics"]
     assert set(fm["per_site"]) == {"bank-a", "bank-b"}
     assert fm["pooled_auc"] > 0.7  # the synthetic label is learnable

@@ -34,7 +34,9 @@ def _post(coord, ctx, task_id, body):
 
 
 def _valid_update(coord, task, n=10, scale=1.0):
-    params = {k: (v + scale).astype(np.float32) for k, v in coord.http.app.state.rounds.params(task.global_hash).items()}
+    params = {
+        k: (v + scale).astype(np.float32) for k, v in coord.http.app.state.rounds.params(task.global_hash).items()
+    }
     return params, encode(params, {"num_examples": str(n)})
 
 

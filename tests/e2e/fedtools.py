@@ -67,8 +67,7 @@ def wait_state(fed: Federation, job_id: int, pred, timeout: float = 240.0, what:
         except Exception:  # coordinator restarting
             pass
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last job state: {last and last['state']}, "
-                         f"logs in {fed.logs}")
+    raise AssertionError(f"timed out waiting for {what}; last job state: {last and last['state']}, logs in {fed.logs}")
 
 
 def assert_exactly_once(fed: Federation, job_id: int, rounds: int) -> None:

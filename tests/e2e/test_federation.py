@@ -8,7 +8,6 @@ import signal
 import time
 
 import pytest
-
 from fedtools import AUDIT, assert_exactly_once, enroll_all, finance_spec, wait_state
 
 pytestmark = pytest.mark.e2e
@@ -16,8 +15,10 @@ pytestmark = pytest.mark.e2e
 
 def test_federation_trains_and_sites_only_open_their_own_partition(federation, tmp_path):
     log = tmp_path / "opens.log"
-    env = {"CONSORTIA_TEST_OPEN_LOG": str(log),
-           "PYTHONPATH": os.pathsep.join([str(AUDIT), os.environ.get("PYTHONPATH", "")])}
+    env = {
+        "CONSORTIA_TEST_OPEN_LOG": str(log),
+        "PYTHONPATH": os.pathsep.join([str(AUDIT), os.environ.get("PYTHONPATH", "")]),
+    }
     fed, paths = federation(sites=3, fmt="csv", env=env)
     fed.start_coordinator()
     enroll_all(fed, paths)
@@ -94,8 +95,11 @@ def test_site_kill9_mid_round_closes_by_deadline(federation):
     fed.kill_site(victim)
     job = wait_state(fed, job_id, lambda j: j["state"] in ("completed", "failed"), what="job end")
     assert job["state"] == "completed", job["reason"]
-    missed = [r for r in job["rounds"] if r["kind"] == "train" and victim in r["sampled"]
-              and victim not in r["reported"] and r["state"] == "closed"]
+    missed = [
+        r
+        for r in job["rounds"]
+        if r["kind"] == "train" and victim in r["sampled"] and victim not in r["reported"] and r["state"] == "closed"
+    ]
     assert missed, "no round closed without the killed site"
     assert all(len(r["reported"]) >= 2 for r in missed)
     assert set(job["final_metrics"]["per_site"]) == set(paths) - {victim}

@@ -51,15 +51,19 @@ class Federation:
     def _spawn(self, args: list[str], log: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         out = open(self.logs / log, "ab")  # noqa: SIM115 - owned by the child process
         return subprocess.Popen(
-            [sys.executable, "-m", "consortia.cli.main", *args], stdout=out, stderr=subprocess.STDOUT,
-            env={**self.env, **(env or {})}, start_new_session=True,
-        )  # fmt: skip
+            [sys.executable, "-m", "consortia.cli.main", *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**self.env, **(env or {})},
+            start_new_session=True,
+        )
 
     def start_coordinator(self, env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
         self.coordinator = self._spawn(
             ["coordinator", "serve", "--home", str(self.coord_home), "--port", str(self.port)],
-            "coordinator.log", env,
-        )  # fmt: skip
+            "coordinator.log",
+            env,
+        )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.coordinator.poll() is not None:
@@ -89,9 +93,20 @@ class Federation:
         return CoordinatorClient(self.url, self.admin_token)
 
     def start_site(self, name: str, data: Path, token: str | None, poll_seconds: float = 5.0) -> None:
-        args = ["site", "run", "--coordinator", self.url, "--data", str(data),
-                "--home", str(self.workdir / "sites" / name), "--name", name,
-                "--poll-seconds", str(poll_seconds)]  # fmt: skip
+        args = [
+            "site",
+            "run",
+            "--coordinator",
+            self.url,
+            "--data",
+            str(data),
+            "--home",
+            str(self.workdir / "sites" / name),
+            "--name",
+            name,
+            "--poll-seconds",
+            str(poll_seconds),
+        ]
         if token:
             args += ["--token", token]
         self.sites[name] = self._spawn(args, f"site-{name}.log")
@@ -128,9 +143,17 @@ class Federation:
 
 
 def run_demo(
-    *, scenario: str, n_sites: int | None, rounds: int | None, seed: int, workdir: Path | None,
-    headless: bool, report: Path | None, port: int | None, console: Console,
-) -> dict[str, Any]:  # fmt: skip
+    *,
+    scenario: str,
+    n_sites: int | None,
+    rounds: int | None,
+    seed: int,
+    workdir: Path | None,
+    headless: bool,
+    report: Path | None,
+    port: int | None,
+    console: Console,
+) -> dict[str, Any]:
     from consortia.cli.main import watch_job
     from consortia.datasets.scenarios import load_scenario, write_partitions
     from consortia.ml.baselines import centralized_and_local
@@ -146,8 +169,10 @@ def run_demo(
     fed = Federation(workdir, port)
     try:
         fed.start_coordinator()
-        console.print(f"coordinator up at {fed.url} (OpenAPI {fed.url}/docs); admin credential in "
-                      f"{fed.coord_home / 'admin.token'}")  # fmt: skip
+        console.print(
+            f"coordinator up at {fed.url} (OpenAPI {fed.url}/docs); admin credential in "
+            f"{fed.coord_home / 'admin.token'}"
+        )
         with fed.client() as c:
             for site, path in paths.items():
                 out = c.post_json("/v1/tenants", {"name": site, "regulated": scenario == "healthcare"})
@@ -155,8 +180,10 @@ def run_demo(
             fed.wait_sites(len(paths))
             (workdir / "job.yaml").write_text(json.dumps(sc.spec, indent=2))
             job = c.post_json("/v1/jobs", sc.spec)
-            console.print(f"job {job['id']} submitted: {sc.spec['rounds']} rounds of {sc.spec['strategy']['name']} "
-                          f"with {sc.spec['recipe']['name']}")  # fmt: skip
+            console.print(
+                f"job {job['id']} submitted: {sc.spec['rounds']} rounds of {sc.spec['strategy']['name']} "
+                f"with {sc.spec['recipe']['name']}"
+            )
             job = watch_job(c, job["id"], console)
         if job["state"] != "completed":
             raise ConsortiaError(f"job {job['id']} {job['state']}: {job['reason']}")
@@ -170,8 +197,9 @@ def run_demo(
             "sites": list(paths),
             "federated": {
                 "pooled_auc": fm["pooled_auc"],
-                "per_site": {s: {"auc": v["auc"], "accuracy": v["accuracy"], "n": v["n"]}
-                             for s, v in fm["per_site"].items()},  # fmt: skip
+                "per_site": {
+                    s: {"auc": v["auc"], "accuracy": v["accuracy"], "n": v["n"]} for s, v in fm["per_site"].items()
+                },
             },
             "centralized": base["centralized"],
             "local_only": base["local_only"],
@@ -200,13 +228,28 @@ def _f(x: Any) -> str:
 
 
 def _print_table(console: Console, r: dict[str, Any]) -> None:
-    table = Table("site", "test rows", "federated AUC", "centralized AUC", "local-only AUC",
-                  title=f"{r['scenario']}: test-split AUC per site and pooled (seed {r['seed']})")  # fmt: skip
+    table = Table(
+        "site",
+        "test rows",
+        "federated AUC",
+        "centralized AUC",
+        "local-only AUC",
+        title=f"{r['scenario']}: test-split AUC per site and pooled (seed {r['seed']})",
+    )
     for s in r["sites"]:
         fed = r["federated"]["per_site"].get(s, {})
-        table.add_row(s, str(fed.get("n", "-")), _f(fed.get("auc")),
-                      _f(r["centralized"]["per_site"][s]["auc"]), _f(r["local_only"]["per_site"][s]["auc"]))  # fmt: skip
-    table.add_row("[bold]pooled[/]", str(sum(v["n"] for v in r["federated"]["per_site"].values())),
-                  _f(r["federated"]["pooled_auc"]), _f(r["centralized"]["pooled_auc"]),
-                  _f(r["local_only"]["pooled_auc_mean"]) + " (mean)")  # fmt: skip
+        table.add_row(
+            s,
+            str(fed.get("n", "-")),
+            _f(fed.get("auc")),
+            _f(r["centralized"]["per_site"][s]["auc"]),
+            _f(r["local_only"]["per_site"][s]["auc"]),
+        )
+    table.add_row(
+        "[bold]pooled[/]",
+        str(sum(v["n"] for v in r["federated"]["per_site"].values())),
+        _f(r["federated"]["pooled_auc"]),
+        _f(r["centralized"]["pooled_auc"]),
+        _f(r["local_only"]["pooled_auc_mean"]) + " (mean)",
+    )
     console.print(table)

@@ -18,14 +18,14 @@ from rich.table import Table
 
 from consortia.errors import ConsortiaError
 
-app = typer.Typer(help="Consortia: federated MLOps across institutions.", no_args_is_help=True,
-                  pretty_exceptions_enable=False)  # fmt: skip
+app = typer.Typer(
+    help="Consortia: federated MLOps across institutions.", no_args_is_help=True, pretty_exceptions_enable=False
+)
 coordinator_app = typer.Typer(help="Run the coordinator (control plane).", no_args_is_help=True)
 tenant_app = typer.Typer(help="Manage tenants (institutions).", no_args_is_help=True)
 site_app = typer.Typer(help="Run a site agent beside an institution's data.", no_args_is_help=True)
 job_app = typer.Typer(help="Submit and follow federated jobs.", no_args_is_help=True)
-credential_app = typer.Typer(help="Issue credentials for people (operator, approver, auditor).",
-                             no_args_is_help=True)  # fmt: skip
+credential_app = typer.Typer(help="Issue credentials for people (operator, approver, auditor).", no_args_is_help=True)
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(tenant_app, name="tenant")
 app.add_typer(site_app, name="site")
@@ -35,12 +35,13 @@ app.add_typer(credential_app, name="credential")
 console = Console()
 err = Console(stderr=True)
 
-CoordinatorOpt = Annotated[str, typer.Option("--coordinator", envvar="CONSORTIA_COORDINATOR",
-                                              help="coordinator URL")]  # fmt: skip
-TokenOpt = Annotated[str | None, typer.Option("--token", envvar="CONSORTIA_TOKEN",
-                                              help="bearer credential (default: HOME/admin.token)")]  # fmt: skip
-HomeOpt = Annotated[Path | None, typer.Option("--home", envvar="CONSORTIA_HOME",
-                                              help="coordinator home to read admin.token from")]  # fmt: skip
+CoordinatorOpt = Annotated[str, typer.Option("--coordinator", envvar="CONSORTIA_COORDINATOR", help="coordinator URL")]
+TokenOpt = Annotated[
+    str | None, typer.Option("--token", envvar="CONSORTIA_TOKEN", help="bearer credential (default: HOME/admin.token)")
+]
+HomeOpt = Annotated[
+    Path | None, typer.Option("--home", envvar="CONSORTIA_HOME", help="coordinator home to read admin.token from")
+]
 DEFAULT_URL = "http://127.0.0.1:8700"
 
 
@@ -91,9 +92,11 @@ def coordinator_serve(
 def tenant_create(
     name: str,
     regulated: Annotated[bool, typer.Option("--regulated", help="mark as a regulated institution")] = False,
-    coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None,
+    coordinator: CoordinatorOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    home: HomeOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:  # fmt: skip
+) -> None:
     """Create a tenant and print its one-time enrollment token."""
     with _client(coordinator, token, home) as c:
         out = c.post_json("/v1/tenants", {"name": name, "regulated": regulated})
@@ -113,14 +116,18 @@ def tenant_list(coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = Non
         sites = c.get_json("/v1/sites")
     table = Table("tenant", "regulated", "sites")
     for t in tenants:
-        table.add_row(t["name"], "yes" if t["regulated"] else "no",
-                      ", ".join(s["name"] for s in sites if s["tenant"] == t["name"]))  # fmt: skip
+        table.add_row(
+            t["name"],
+            "yes" if t["regulated"] else "no",
+            ", ".join(s["name"] for s in sites if s["tenant"] == t["name"]),
+        )
     console.print(table)
 
 
 @tenant_app.command("enroll-token")
-def tenant_enroll_token(name: str, coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None,
-                        home: HomeOpt = None) -> None:  # fmt: skip
+def tenant_enroll_token(
+    name: str, coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None
+) -> None:
     """Issue another one-time enrollment token for a tenant."""
     with _client(coordinator, token, home) as c:
         print(c.post_json(f"/v1/tenants/{name}/enrollment-tokens", {})["token"])
@@ -131,8 +138,10 @@ def credential_create(
     name: str,
     role: Annotated[str, typer.Option(help="operator, approver, auditor or admin")],
     tenant: Annotated[str | None, typer.Option(help="scope to one tenant")] = None,
-    coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None,
-) -> None:  # fmt: skip
+    coordinator: CoordinatorOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    home: HomeOpt = None,
+) -> None:
     """Issue a credential (admin only); prints the token once."""
     with _client(coordinator, token, home) as c:
         out = c.post_json("/v1/credentials", {"name": name, "role": role, "tenant": tenant})
@@ -181,9 +190,12 @@ def _read_spec(path: Path) -> Any:
 
 @job_app.command("submit")
 def job_submit(
-    spec: Path, coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None,
+    spec: Path,
+    coordinator: CoordinatorOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    home: HomeOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:  # fmt: skip
+) -> None:
     """Validate and submit SPEC.yaml; prints the job id."""
     raw = _read_spec(spec)
     with _client(coordinator, token, home) as c:
@@ -195,8 +207,17 @@ def job_submit(
 
 
 def _job_table(job: dict[str, Any]) -> Table:
-    table = Table("round", "kind", "attempt", "state", "reported", "pooled AUC (val)", "train loss", "failed / refused",
-                  title=f"job {job['id']} {job['name']}: {job['state']}")  # fmt: skip
+    table = Table(
+        "round",
+        "kind",
+        "attempt",
+        "state",
+        "reported",
+        "pooled AUC (val)",
+        "train loss",
+        "failed / refused",
+        title=f"job {job['id']} {job['name']}: {job['state']}",
+    )
     for r in job["rounds"]:
         m = r["metrics"] or {}
         val = (m.get("validation_of_incoming_model") or {}).get("pooled_auc")
@@ -204,20 +225,26 @@ def _job_table(job: dict[str, Any]) -> Table:
             val = m.get("pooled_auc")
         loss = m.get("train_loss")
         table.add_row(
-            str(r["number"]), r["kind"], str(r["attempt"]), r["state"],
+            str(r["number"]),
+            r["kind"],
+            str(r["attempt"]),
+            r["state"],
             f"{len(r['reported'])}/{len(r['sampled'])}",
             f"{val:.4f}" if isinstance(val, float) else "",
             f"{loss:.4f}" if isinstance(loss, float) else "",
             "; ".join(f"{k}: {v}" for k, v in r["failed"].items())[:120],
-        )  # fmt: skip
+        )
     return table
 
 
 @job_app.command("status")
 def job_status(
-    job_id: int, coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None,
+    job_id: int,
+    coordinator: CoordinatorOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    home: HomeOpt = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
-) -> None:  # fmt: skip
+) -> None:
     """Show a job: state, rounds, metrics, refusals."""
     with _client(coordinator, token, home) as c:
         job = c.get_json(f"/v1/jobs/{job_id}")
@@ -233,8 +260,14 @@ def job_status(
 
 def watch_job(client: Any, job_id: int, out: Console = console, poll: float = 0.5) -> dict[str, Any]:
     """Follow a job with a progress bar per round until it finishes; returns the job."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} sites"),
-                  TextColumn("{task.fields[info]}"), console=out, transient=False) as progress:  # fmt: skip
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} sites"),
+        TextColumn("{task.fields[info]}"),
+        console=out,
+        transient=False,
+    ) as progress:
         bars: dict[tuple[int, int], Any] = {}
         while True:
             job = client.get_json(f"/v1/jobs/{job_id}")
@@ -244,7 +277,9 @@ def watch_job(client: Any, job_id: int, out: Console = console, poll: float = 0.
                 val = (m.get("validation_of_incoming_model") or {}).get("pooled_auc") or m.get("pooled_auc")
                 info = r["state"] + (f"  AUC {val:.4f}" if isinstance(val, float) else "")
                 if key not in bars:
-                    label = f"round {r['number']:>3} {r['kind']:<8}" + (f" retry {r['attempt']}" if r["attempt"] else "")
+                    label = f"round {r['number']:>3} {r['kind']:<8}" + (
+                        f" retry {r['attempt']}" if r["attempt"] else ""
+                    )
                     bars[key] = progress.add_task(label, total=max(len(r["sampled"]), 1), info=info)
                 progress.update(bars[key], completed=len(r["reported"]), info=info)
             if job["state"] in ("completed", "failed", "cancelled"):
@@ -253,8 +288,9 @@ def watch_job(client: Any, job_id: int, out: Console = console, poll: float = 0.
 
 
 @job_app.command("watch")
-def job_watch(job_id: int, coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None,
-              home: HomeOpt = None) -> None:  # fmt: skip
+def job_watch(
+    job_id: int, coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None
+) -> None:
     """Follow a job live: a progress bar per round (sites reported, metrics)."""
     with _client(coordinator, token, home) as c:
         job = watch_job(c, job_id)
@@ -271,8 +307,13 @@ def job_list(coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, 
     table = Table("id", "name", "state", "rounds", "pooled AUC")
     for j in jobs:
         auc = (j["final_metrics"] or {}).get("pooled_auc")
-        table.add_row(str(j["id"]), j["name"], j["state"], f"{j['rounds_completed']}/{j['rounds_requested']}",
-                      f"{auc:.4f}" if auc else "")  # fmt: skip
+        table.add_row(
+            str(j["id"]),
+            j["name"],
+            j["state"],
+            f"{j['rounds_completed']}/{j['rounds_requested']}",
+            f"{auc:.4f}" if auc else "",
+        )
     console.print(table)
 
 
@@ -293,8 +334,17 @@ def demo(
     """Run a whole federation on loopback: coordinator + one process per site."""
     from consortia.cli.demo import run_demo
 
-    run_demo(scenario=scenario, n_sites=sites, rounds=rounds, seed=seed, workdir=workdir,
-             headless=headless, report=report, port=port, console=console)  # fmt: skip
+    run_demo(
+        scenario=scenario,
+        n_sites=sites,
+        rounds=rounds,
+        seed=seed,
+        workdir=workdir,
+        headless=headless,
+        report=report,
+        port=port,
+        console=console,
+    )
 
 
 def main() -> None:

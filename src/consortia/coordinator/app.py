@@ -84,9 +84,11 @@ def create_app(settings: Settings) -> FastAPI:
             engine.dispose()
 
     app = FastAPI(
-        title="Consortia coordinator", version=__version__, lifespan=lifespan,
+        title="Consortia coordinator",
+        version=__version__,
+        lifespan=lifespan,
         description="Control plane of a Consortia federation. Every call needs a bearer credential.",
-    )  # fmt: skip
+    )
     app.state.settings = settings
     app.state.store = store
     app.state.blobs = blobs

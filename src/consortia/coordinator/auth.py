@@ -38,9 +38,7 @@ def authorize(principal: Principal | None, roles: Iterable[str]) -> Principal:
         raise AuthError("this credential has expired; ask the consortium admin for a new one.")
     allowed = set(roles) | {"admin"}
     if principal.role not in allowed:
-        raise PermissionDeniedError(
-            f"role {principal.role!r} may not do this; it needs one of {sorted(allowed)}."
-        )
+        raise PermissionDeniedError(f"role {principal.role!r} may not do this; it needs one of {sorted(allowed)}.")
     return principal
 
 

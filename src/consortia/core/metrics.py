@@ -14,9 +14,7 @@ __all__ = ["SCORE_BINS", "auc_from_histograms", "score_histograms"]
 SCORE_BINS = 1000
 
 
-def score_histograms(
-    scores: np.ndarray, labels: np.ndarray, bins: int = SCORE_BINS
-) -> tuple[np.ndarray, np.ndarray]:
+def score_histograms(scores: np.ndarray, labels: np.ndarray, bins: int = SCORE_BINS) -> tuple[np.ndarray, np.ndarray]:
     """Counts of negative and positive examples per score bin on ``[0, 1]``.
 
     Returns ``(neg_counts, pos_counts)``, each an int64 array of length ``bins``.

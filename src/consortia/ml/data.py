@@ -61,11 +61,10 @@ def check_schema(df: pd.DataFrame, spec: JobSpec) -> None:
         if col not in df.columns:
             problems.append(f"column {col!r} is missing")
     for f in spec.features:
-        if f.name in df.columns and f.type == "numeric":
-            if not (pd.api.types.is_numeric_dtype(df[f.name]) or pd.api.types.is_bool_dtype(df[f.name])):
-                problems.append(
-                    f"column {f.name!r} is declared numeric but has dtype {df[f.name].dtype}"
-                )
+        col = df[f.name] if f.name in df.columns else None
+        numeric_ok = col is None or pd.api.types.is_numeric_dtype(col) or pd.api.types.is_bool_dtype(col)
+        if f.type == "numeric" and not numeric_ok:
+            problems.append(f"column {f.name!r} is declared numeric but has dtype {df[f.name].dtype}")
     if not problems and spec.label.column in df.columns:
         present = set(df[spec.label.column].dropna().astype(str).unique())
         if spec.label.positive not in present:
@@ -75,7 +74,8 @@ def check_schema(df: pd.DataFrame, spec: JobSpec) -> None:
             )
     if problems:
         raise SchemaMismatchError(
-            "local data does not match the job's schema: " + "; ".join(problems)
+            "local data does not match the job's schema: "
+            + "; ".join(problems)
             + ". Fix the job spec or the site's data file."
         )
 
@@ -121,9 +121,7 @@ def profile(df: pd.DataFrame, spec: JobSpec) -> ProfileResult:
         elif f.vocabulary == "agreed" or f.vocabulary is None:
             counts = _categorical_values(df[f.name]).value_counts()
             kept = {str(k): int(v) for k, v in counts.items() if v >= min_count}
-            categorical[f.name] = CategoricalStats(
-                counts=kept, suppressed=int(counts[counts < min_count].sum())
-            )
+            categorical[f.name] = CategoricalStats(counts=kept, suppressed=int(counts[counts < min_count].sum()))
     return ProfileResult(rows=len(df), numeric=numeric, categorical=categorical)
 
 
@@ -153,9 +151,7 @@ def merge_profiles(profiles: Sequence[ProfileResult], spec: JobSpec) -> Preproce
                     totals[k] = totals.get(k, 0) + v
             vocab = sorted(k for k, v in totals.items() if v >= spec.preprocessing.min_category_count)
             categorical[f.name] = vocab or [MISSING]
-    return PreprocessingPlan(
-        numeric=numeric, categorical=categorical, feature_order=[f.name for f in spec.features]
-    )
+    return PreprocessingPlan(numeric=numeric, categorical=categorical, feature_order=[f.name for f in spec.features])
 
 
 def transform(df: pd.DataFrame, plan: PreprocessingPlan) -> np.ndarray:

@@ -71,10 +71,17 @@ def build(name: str, input_dim: int, options: Mapping[str, Any]):  # type: ignor
 
     return nn.Sequential(
         _Reshape(),
-        nn.Conv2d(1, ch, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(ch, 2 * ch, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Flatten(), nn.Linear(2 * ch * 7 * 7, 32), nn.ReLU(), nn.Linear(32, 1),
-    )  # fmt: skip
+        nn.Conv2d(1, ch, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(ch, 2 * ch, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * ch * 7 * 7, 32),
+        nn.ReLU(),
+        nn.Linear(32, 1),
+    )
 
 
 def _to_params(module) -> Params:  # type: ignore[no-untyped-def]
@@ -103,10 +110,18 @@ class TrainResult:
 
 
 def train(
-    name: str, options: Mapping[str, Any], params: Mapping[str, np.ndarray], X: np.ndarray,
-    y: np.ndarray, *, epochs: int, batch_size: int, lr: float, seed: int,
+    name: str,
+    options: Mapping[str, Any],
+    params: Mapping[str, np.ndarray],
+    X: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
     proximal_mu: float = 0.0,
-) -> TrainResult:  # fmt: skip
+) -> TrainResult:
     """Local SGD from ``params``; returns the new parameters and the mean training loss."""
     import torch
 

@@ -43,8 +43,10 @@ def load_or_enroll(coordinator: str, token: str | None, home: Path, name: str) -
     home.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
-        json.dump({"coordinator": coordinator, "site": resp.site_name, "tenant": resp.tenant,
-                   "credential": resp.credential}, fh)  # fmt: skip
+        json.dump(
+            {"coordinator": coordinator, "site": resp.site_name, "tenant": resp.tenant, "credential": resp.credential},
+            fh,
+        )
     log.info("enrolled as site %r of tenant %r", resp.site_name, resp.tenant)
     return resp.credential
 
@@ -53,9 +55,16 @@ class SiteAgent:
     """Polls the coordinator and dispatches tasks to :data:`HANDLERS` by kind."""
 
     def __init__(
-        self, coordinator: str, credential: str, data: str | Path, home: str | Path, name: str,
-        *, poll_seconds: float = 20.0, max_backoff: float = 15.0,
-    ) -> None:  # fmt: skip
+        self,
+        coordinator: str,
+        credential: str,
+        data: str | Path,
+        home: str | Path,
+        name: str,
+        *,
+        poll_seconds: float = 20.0,
+        max_backoff: float = 15.0,
+    ) -> None:
         self.client = CoordinatorClient(coordinator, credential)
         self.ctx = SiteContext(name=name, home=Path(home), client=self.client, frame=load_table(data))
         self.poll_seconds = poll_seconds

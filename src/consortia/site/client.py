@@ -47,9 +47,14 @@ class CoordinatorClient:
     """Synchronous client for the coordinator's ``/v1`` API."""
 
     def __init__(
-        self, base_url: str, token: str | None = None, *, transport: httpx.BaseTransport | None = None,
-        timeout: float = 60.0, http: httpx.Client | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        base_url: str,
+        token: str | None = None,
+        *,
+        transport: httpx.BaseTransport | None = None,
+        timeout: float = 60.0,
+        http: httpx.Client | None = None,
+    ) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
         if http is not None:  # e.g. FastAPI's TestClient in tests
@@ -98,8 +103,7 @@ class CoordinatorClient:
         return EnrollResponse.model_validate(data)
 
     def poll(self, wait: float = 20.0) -> list[TaskPublic]:
-        data = self.request("GET", "/v1/sites/me/tasks", params={"wait": wait},
-                            timeout=wait + 30.0).json()  # fmt: skip
+        data = self.request("GET", "/v1/sites/me/tasks", params={"wait": wait}, timeout=wait + 30.0).json()
         return [TaskPublic.model_validate(t) for t in data["tasks"]]
 
     def blob(self, digest: str) -> bytes:
@@ -109,8 +113,9 @@ class CoordinatorClient:
         return data
 
     def submit_update(self, task_id: int, body: bytes) -> dict[str, Any]:
-        resp = self.request("POST", f"/v1/tasks/{task_id}/update", content=body,
-                            headers={"Content-Type": "application/octet-stream"})  # fmt: skip
+        resp = self.request(
+            "POST", f"/v1/tasks/{task_id}/update", content=body, headers={"Content-Type": "application/octet-stream"}
+        )
         return resp.json()  # type: ignore[no-any-return]
 
     def submit_result(self, task_id: int, result: TaskResultPublic) -> dict[str, Any]:

@@ -131,15 +131,25 @@ def handle_train(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     evaluation = evaluate_scores(_scores(spec, params, X[p.val]), p.y[p.val])
     mu = float(spec.strategy.options.get("proximal_mu", 0.01)) if spec.strategy.name == "fedprox" else 0.0
     result = recipes.train(
-        spec.recipe.name, spec.recipe.options, params, X[p.train], p.y[p.train],
-        epochs=spec.local_epochs, batch_size=spec.batch_size, lr=spec.learning_rate,
-        seed=task_seed(spec, task.round, ctx.name), proximal_mu=mu,
-    )  # fmt: skip
-    body = encode(result.params, {
-        "num_examples": str(result.num_examples),
-        "train_loss": repr(result.loss),
-        "evaluation": evaluation.model_dump_json(),
-    })  # fmt: skip
+        spec.recipe.name,
+        spec.recipe.options,
+        params,
+        X[p.train],
+        p.y[p.train],
+        epochs=spec.local_epochs,
+        batch_size=spec.batch_size,
+        lr=spec.learning_rate,
+        seed=task_seed(spec, task.round, ctx.name),
+        proximal_mu=mu,
+    )
+    body = encode(
+        result.params,
+        {
+            "num_examples": str(result.num_examples),
+            "train_loss": repr(result.loss),
+            "evaluation": evaluation.model_dump_json(),
+        },
+    )
     return ctx.client.submit_update(task.id, body)
 
 

@@ -9,7 +9,6 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
-
     ForeignKey,
     Integer,
     String,
@@ -32,6 +31,7 @@ __all__ = [
     "UpdateRow",
 ]
 
+
 class UTCDateTime(TypeDecorator[datetime]):
     """Timezone-aware UTC datetimes on every backend (SQLite drops the zone on read)."""
 
@@ -52,12 +52,14 @@ class UTCDateTime(TypeDecorator[datetime]):
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, datetime: UTCDateTime()}
 
+
 class TenantRow(Base):
     __tablename__ = "tenants"
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
     regulated: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime]
+
 
 class SiteRow(Base):
     __tablename__ = "sites"
@@ -68,6 +70,7 @@ class SiteRow(Base):
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime]
     last_seen_at: Mapped[datetime | None]
+
 
 class CredentialRow(Base):
     """A bearer credential. Only the SHA-256 of the token is stored."""
@@ -83,6 +86,7 @@ class CredentialRow(Base):
     expires_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
 
+
 class EnrollmentTokenRow(Base):
     """A one-time token that lets a new site join its tenant."""
 
@@ -94,6 +98,7 @@ class EnrollmentTokenRow(Base):
     expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
     site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id"))
+
 
 class JobRow(Base):
     __tablename__ = "jobs"
@@ -111,6 +116,7 @@ class JobRow(Base):
     submitted_by: Mapped[int | None] = mapped_column(ForeignKey("credentials.id"))
     created_at: Mapped[datetime]
     finished_at: Mapped[datetime | None]
+
 
 class RoundRow(Base):
     """One attempt at one round. ``kind`` is profile (round 0), train (1..R) or evaluate
@@ -134,6 +140,7 @@ class RoundRow(Base):
     created_at: Mapped[datetime]
     closed_at: Mapped[datetime | None]
 
+
 class TaskRow(Base):
     __tablename__ = "tasks"
     __table_args__ = (UniqueConstraint("round_id", "site_id"),)
@@ -147,6 +154,7 @@ class TaskRow(Base):
     created_at: Mapped[datetime]
     delivered_at: Mapped[datetime | None]
     completed_at: Mapped[datetime | None]
+
 
 class UpdateRow(Base):
     """A received model update. Unique per (round, site): a resend is acknowledged but
@@ -165,6 +173,7 @@ class UpdateRow(Base):
     status: Mapped[str] = mapped_column(String(16))
     received_at: Mapped[datetime]
 
+
 class JobEventRow(Base):
     """Append-only log of everything that happens to a job."""
 
@@ -174,4 +183,3 @@ class JobEventRow(Base):
     at: Mapped[datetime]
     kind: Mapped[str] = mapped_column(String(40))
     detail: Mapped[dict[str, Any]]
-

@@ -43,23 +43,60 @@ def _tenant(r: TenantRow) -> Tenant:
 
 def _job(r: JobRow) -> Job:
     return Job(
-        r.id, r.name, r.state, r.reason, r.spec, r.spec_hash, r.preprocessing, r.global_hash,
-        r.state_hash, r.rounds_completed, r.final_metrics, r.created_at, r.finished_at,
-    )  # fmt: skip
+        r.id,
+        r.name,
+        r.state,
+        r.reason,
+        r.spec,
+        r.spec_hash,
+        r.preprocessing,
+        r.global_hash,
+        r.state_hash,
+        r.rounds_completed,
+        r.final_metrics,
+        r.created_at,
+        r.finished_at,
+    )
 
 
 def _task(t: TaskRow, r: RoundRow, site_name: str) -> Task:
     return Task(
-        t.id, t.round_id, t.site_id, site_name, t.state, t.reason, t.rule, t.result, r.job_id,
-        r.number, r.attempt, r.kind, r.state, r.global_in, r.deadline_at,
-    )  # fmt: skip
+        t.id,
+        t.round_id,
+        t.site_id,
+        site_name,
+        t.state,
+        t.reason,
+        t.rule,
+        t.result,
+        r.job_id,
+        r.number,
+        r.attempt,
+        r.kind,
+        r.state,
+        r.global_in,
+        r.deadline_at,
+    )
 
 
 def _round(r: RoundRow, tasks: Sequence[Task] = ()) -> Round:
     return Round(
-        r.id, r.job_id, r.number, r.attempt, r.kind, r.state, r.global_in, r.global_out,
-        r.state_out, r.metrics, r.reason, r.deadline_at, r.created_at, r.closed_at, tuple(tasks),
-    )  # fmt: skip
+        r.id,
+        r.job_id,
+        r.number,
+        r.attempt,
+        r.kind,
+        r.state,
+        r.global_in,
+        r.global_out,
+        r.state_out,
+        r.metrics,
+        r.reason,
+        r.deadline_at,
+        r.created_at,
+        r.closed_at,
+        tuple(tasks),
+    )
 
 
 class SqlStore:
@@ -107,10 +144,7 @@ class SqlStore:
                 q = q.where(SiteRow.tenant_id == tenant_id)
             if names is not None:
                 q = q.where(TenantRow.name.in_(list(names)))
-            return [
-                Site(r.id, r.name, r.tenant_id, t, r.status, r.created_at, r.last_seen_at)
-                for r, t in s.execute(q)
-            ]
+            return [Site(r.id, r.name, r.tenant_id, t, r.status, r.created_at, r.last_seen_at) for r, t in s.execute(q)]
 
     def touch_site(self, site_id: int) -> None:
         with self._tx() as s:
@@ -120,20 +154,37 @@ class SqlStore:
 
     def add_enrollment_token(self, tenant_id: int, token_hash: str, expires_at: datetime) -> None:
         with self._tx() as s:
-            s.add(EnrollmentTokenRow(
-                token_hash=token_hash, tenant_id=tenant_id, created_at=utcnow(),
-                expires_at=expires_at,
-            ))  # fmt: skip
+            s.add(
+                EnrollmentTokenRow(
+                    token_hash=token_hash,
+                    tenant_id=tenant_id,
+                    created_at=utcnow(),
+                    expires_at=expires_at,
+                )
+            )
 
     def add_credential(
-        self, *, token_hash: str, name: str, role: str, tenant_id: int | None,
-        site_id: int | None, expires_at: datetime,
-    ) -> None:  # fmt: skip
+        self,
+        *,
+        token_hash: str,
+        name: str,
+        role: str,
+        tenant_id: int | None,
+        site_id: int | None,
+        expires_at: datetime,
+    ) -> None:
         with self._tx() as s:
-            s.add(CredentialRow(
-                token_hash=token_hash, name=name, role=role, tenant_id=tenant_id,
-                site_id=site_id, created_at=utcnow(), expires_at=expires_at,
-            ))  # fmt: skip
+            s.add(
+                CredentialRow(
+                    token_hash=token_hash,
+                    name=name,
+                    role=role,
+                    tenant_id=tenant_id,
+                    site_id=site_id,
+                    created_at=utcnow(),
+                    expires_at=expires_at,
+                )
+            )
 
     def has_admin(self) -> bool:
         with self._tx() as s:
@@ -146,9 +197,7 @@ class SqlStore:
         now = utcnow()
         with self._tx() as s:
             tok = s.scalar(
-                select(EnrollmentTokenRow)
-                .where(EnrollmentTokenRow.token_hash == enrollment_hash)
-                .with_for_update()
+                select(EnrollmentTokenRow).where(EnrollmentTokenRow.token_hash == enrollment_hash).with_for_update()
             )
             if tok is None:
                 raise AuthError("enrollment token is not valid; ask the consortium admin for one.")
@@ -158,9 +207,7 @@ class SqlStore:
                 raise AuthError("enrollment token has expired; ask for a new one.")
             tenant = s.get(TenantRow, tok.tenant_id)
             assert tenant is not None
-            exists = s.scalar(
-                select(SiteRow).where(SiteRow.tenant_id == tenant.id, SiteRow.name == site_name)
-            )
+            exists = s.scalar(select(SiteRow).where(SiteRow.tenant_id == tenant.id, SiteRow.name == site_name))
             if exists is not None:
                 raise ConflictError(
                     f"site {site_name!r} already exists in tenant {tenant.name!r}; choose another name."
@@ -176,10 +223,17 @@ class SqlStore:
             )
             if done.rowcount != 1:  # type: ignore[attr-defined]
                 raise AuthError("enrollment token was already used; each token enrolls one site.")
-            s.add(CredentialRow(
-                token_hash=credential_hash, name=f"site:{site_name}", role="site",
-                tenant_id=tenant.id, site_id=site.id, created_at=now, expires_at=expires_at,
-            ))  # fmt: skip
+            s.add(
+                CredentialRow(
+                    token_hash=credential_hash,
+                    name=f"site:{site_name}",
+                    role="site",
+                    tenant_id=tenant.id,
+                    site_id=site.id,
+                    created_at=now,
+                    expires_at=expires_at,
+                )
+            )
             return Site(site.id, site.name, tenant.id, tenant.name, "active", now, None), tenant.name
 
     def principal(self, token_hash: str) -> Principal | None:
@@ -193,18 +247,29 @@ class SqlStore:
                 return None
             c, tenant_name = row
             return Principal(
-                c.id, c.name, c.role, c.tenant_id, tenant_name, c.site_id, c.expires_at,
+                c.id,
+                c.name,
+                c.role,
+                c.tenant_id,
+                tenant_name,
+                c.site_id,
+                c.expires_at,
                 c.revoked_at is not None,
-            )  # fmt: skip
+            )
 
     # ------------------------------------------------------------------ jobs
 
     def create_job(self, name: str, spec: dict[str, Any], spec_hash: str, submitted_by: int) -> Job:
         with self._tx() as s:
             row = JobRow(
-                name=name, state="running", spec=spec, spec_hash=spec_hash,
-                submitted_by=submitted_by, created_at=utcnow(), rounds_completed=0,
-            )  # fmt: skip
+                name=name,
+                state="running",
+                spec=spec,
+                spec_hash=spec_hash,
+                submitted_by=submitted_by,
+                created_at=utcnow(),
+                rounds_completed=0,
+            )
             s.add(row)
             s.flush()
             s.add(JobEventRow(job_id=row.id, at=utcnow(), kind="job_submitted", detail={"name": name}))
@@ -236,11 +301,20 @@ class SqlStore:
     # ------------------------------------------------------------------ rounds
 
     def open_round(
-        self, *, job_id: int, number: int, attempt: int, kind: str, global_in: str | None,
-        deadline_at: datetime, site_ids: Sequence[int], close: Round | None = None,
-        close_state: str = CLOSED, close_fields: dict[str, Any] | None = None,
+        self,
+        *,
+        job_id: int,
+        number: int,
+        attempt: int,
+        kind: str,
+        global_in: str | None,
+        deadline_at: datetime,
+        site_ids: Sequence[int],
+        close: Round | None = None,
+        close_state: str = CLOSED,
+        close_fields: dict[str, Any] | None = None,
         job_fields: dict[str, Any] | None = None,
-    ) -> Round:  # fmt: skip
+    ) -> Round:
         """Atomically: close/abandon ``close`` (if given, and only if still open), update
         the job, and open the next round with one pending task per site."""
         now = utcnow()
@@ -250,16 +324,32 @@ class SqlStore:
             if job_fields:
                 s.execute(update(JobRow).where(JobRow.id == job_id).values(**job_fields))
             row = RoundRow(
-                job_id=job_id, number=number, attempt=attempt, kind=kind, state=OPEN,
-                global_in=global_in, deadline_at=deadline_at, created_at=now,
-            )  # fmt: skip
+                job_id=job_id,
+                number=number,
+                attempt=attempt,
+                kind=kind,
+                state=OPEN,
+                global_in=global_in,
+                deadline_at=deadline_at,
+                created_at=now,
+            )
             s.add(row)
             s.flush()
             for sid in site_ids:
                 s.add(TaskRow(round_id=row.id, site_id=sid, state="pending", created_at=now))
-            s.add(JobEventRow(job_id=job_id, at=now, kind="round_opened", detail={
-                "round": number, "attempt": attempt, "kind": kind, "sites": list(site_ids),
-            }))  # fmt: skip
+            s.add(
+                JobEventRow(
+                    job_id=job_id,
+                    at=now,
+                    kind="round_opened",
+                    detail={
+                        "round": number,
+                        "attempt": attempt,
+                        "kind": kind,
+                        "sites": list(site_ids),
+                    },
+                )
+            )
             return _round(row)
 
     def _finish_round(self, s: Session, rnd: Round, state: str, fields: dict[str, Any]) -> None:
@@ -275,24 +365,39 @@ class SqlStore:
             .where(TaskRow.round_id == rnd.id, TaskRow.state.in_(("pending", "delivered")))
             .values(state="expired", reason="the round closed before this site reported")
         )
-        s.add(JobEventRow(job_id=rnd.job_id, at=utcnow(), kind=f"round_{state}", detail={
-            "round": rnd.number, "attempt": rnd.attempt, "reason": fields.get("reason"),
-        }))  # fmt: skip
+        s.add(
+            JobEventRow(
+                job_id=rnd.job_id,
+                at=utcnow(),
+                kind=f"round_{state}",
+                detail={
+                    "round": rnd.number,
+                    "attempt": rnd.attempt,
+                    "reason": fields.get("reason"),
+                },
+            )
+        )
 
     def finish_job(
-        self, job_id: int, *, state: str, reason: str | None, close: Round | None,
-        close_state: str = CLOSED, close_fields: dict[str, Any] | None = None,
+        self,
+        job_id: int,
+        *,
+        state: str,
+        reason: str | None,
+        close: Round | None,
+        close_state: str = CLOSED,
+        close_fields: dict[str, Any] | None = None,
         job_fields: dict[str, Any] | None = None,
-    ) -> None:  # fmt: skip
+    ) -> None:
         """Atomically close the last round and mark the job completed or failed."""
         with self._tx() as s:
             if close is not None:
                 self._finish_round(s, close, close_state, close_fields or {})
             s.execute(
-                update(JobRow).where(JobRow.id == job_id).values(
-                    state=state, reason=reason, finished_at=utcnow(), **(job_fields or {})
-                )
-            )  # fmt: skip
+                update(JobRow)
+                .where(JobRow.id == job_id)
+                .values(state=state, reason=reason, finished_at=utcnow(), **(job_fields or {}))
+            )
             s.add(JobEventRow(job_id=job_id, at=utcnow(), kind=f"job_{state}", detail={"reason": reason}))
 
     def open_rounds(self) -> list[Round]:
@@ -362,9 +467,14 @@ class SqlStore:
             return _task(*row)
 
     def complete_task(
-        self, task: Task, *, state: str, reason: str | None = None, rule: str | None = None,
+        self,
+        task: Task,
+        *,
+        state: str,
+        reason: str | None = None,
+        rule: str | None = None,
         result: dict[str, Any] | None = None,
-    ) -> str:  # fmt: skip
+    ) -> str:
         """Record a site's answer to a task. Returns ``"recorded"``, ``"duplicate"`` (the
         same answer was already recorded) or ``"late"`` (the round had closed)."""
         now = utcnow()
@@ -381,16 +491,31 @@ class SqlStore:
             else:
                 t.state, t.reason, t.rule, t.result, t.completed_at = state, reason, rule, result, now
                 status = "recorded"
-            s.add(JobEventRow(job_id=r.job_id, at=now, kind=f"task_{t.state}", detail={
-                "round": r.number, "attempt": r.attempt, "site_id": t.site_id,
-                "reason": reason, "rule": rule,
-            }))  # fmt: skip
+            s.add(
+                JobEventRow(
+                    job_id=r.job_id,
+                    at=now,
+                    kind=f"task_{t.state}",
+                    detail={
+                        "round": r.number,
+                        "attempt": r.attempt,
+                        "site_id": t.site_id,
+                        "reason": reason,
+                        "rule": rule,
+                    },
+                )
+            )
             return status
 
     def record_update(
-        self, task: Task, *, blob_hash: str, num_examples: int, nbytes: int,
+        self,
+        task: Task,
+        *,
+        blob_hash: str,
+        num_examples: int,
+        nbytes: int,
         metrics: dict[str, Any] | None,
-    ) -> str:  # fmt: skip
+    ) -> str:
         """Record a model update exactly once per (round, site).
 
         Returns ``"accepted"``, ``"duplicate"`` (already recorded: nothing changes) or
@@ -399,9 +524,7 @@ class SqlStore:
         now = utcnow()
         with self._tx() as s:
             existing = s.scalar(
-                select(UpdateRow).where(
-                    UpdateRow.round_id == task.round_id, UpdateRow.site_id == task.site_id
-                )
+                select(UpdateRow).where(UpdateRow.round_id == task.round_id, UpdateRow.site_id == task.site_id)
             )
             if existing is not None:
                 return "duplicate"
@@ -414,19 +537,37 @@ class SqlStore:
                     "the site will get a new task next round."
                 )
             status = "accepted" if r.state == OPEN and t.state != "late" else "late"
-            s.add(UpdateRow(
-                round_id=task.round_id, task_id=task.id, site_id=task.site_id, blob_hash=blob_hash,
-                num_examples=num_examples, nbytes=nbytes, metrics=metrics, status=status,
-                received_at=now,
-            ))  # fmt: skip
+            s.add(
+                UpdateRow(
+                    round_id=task.round_id,
+                    task_id=task.id,
+                    site_id=task.site_id,
+                    blob_hash=blob_hash,
+                    num_examples=num_examples,
+                    nbytes=nbytes,
+                    metrics=metrics,
+                    status=status,
+                    received_at=now,
+                )
+            )
             t.state = "completed" if status == "accepted" else "late"
             t.completed_at = now
             if status == "late":
                 t.reason = "update arrived after the round closed; recorded, not applied"
-            s.add(JobEventRow(job_id=r.job_id, at=now, kind=f"update_{status}", detail={
-                "round": r.number, "attempt": r.attempt, "site_id": task.site_id,
-                "examples": num_examples, "bytes": nbytes,
-            }))  # fmt: skip
+            s.add(
+                JobEventRow(
+                    job_id=r.job_id,
+                    at=now,
+                    kind=f"update_{status}",
+                    detail={
+                        "round": r.number,
+                        "attempt": r.attempt,
+                        "site_id": task.site_id,
+                        "examples": num_examples,
+                        "bytes": nbytes,
+                    },
+                )
+            )
             try:
                 s.flush()
             except IntegrityError:  # a concurrent resend won the unique constraint
@@ -445,10 +586,21 @@ class SqlStore:
                 .order_by(UpdateRow.site_id)
             )
             return [
-                Update(u.id, u.round_id, u.task_id, u.site_id, name, u.blob_hash, u.num_examples,
-                       u.nbytes, u.metrics, u.status, u.received_at)
+                Update(
+                    u.id,
+                    u.round_id,
+                    u.task_id,
+                    u.site_id,
+                    name,
+                    u.blob_hash,
+                    u.num_examples,
+                    u.nbytes,
+                    u.metrics,
+                    u.status,
+                    u.received_at,
+                )
                 for u, name in s.execute(q)
-            ]  # fmt: skip
+            ]
 
     def site_may_read_blob(self, site_id: int, digest: str) -> bool:
         """A site may download a global model only if one of its tasks refers to it."""

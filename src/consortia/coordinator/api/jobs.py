@@ -20,22 +20,38 @@ Reader = Annotated[Principal, principal_with("operator", "approver", "auditor")]
 def job_public(rounds: RoundsDep, job: Job) -> JobPublic:
     rows = rounds.store.job_rounds(job.id)
     return JobPublic(
-        id=job.id, name=job.name, state=job.state, reason=job.reason,
-        rounds_requested=int(job.spec["rounds"]), rounds_completed=job.rounds_completed,
-        created_at=job.created_at, finished_at=job.finished_at, spec=job.spec,
-        final_metrics=job.final_metrics, model_hash=job.global_hash,
+        id=job.id,
+        name=job.name,
+        state=job.state,
+        reason=job.reason,
+        rounds_requested=int(job.spec["rounds"]),
+        rounds_completed=job.rounds_completed,
+        created_at=job.created_at,
+        finished_at=job.finished_at,
+        spec=job.spec,
+        final_metrics=job.final_metrics,
+        model_hash=job.global_hash,
         rounds=[
             RoundPublic(
-                number=r.number, kind=r.kind, attempt=r.attempt, state=r.state,
+                number=r.number,
+                kind=r.kind,
+                attempt=r.attempt,
+                state=r.state,
                 sampled=[t.site for t in r.tasks],
                 reported=[t.site for t in r.tasks if t.state == "completed"],
-                failed={t.site: f"{t.state}: {t.rule or ''} {t.reason or ''}".strip()
-                        for t in r.tasks if t.state in ("failed", "refused", "expired", "late")},
-                deadline_at=r.deadline_at, closed_at=r.closed_at, metrics=r.metrics or {}, reason=r.reason,
+                failed={
+                    t.site: f"{t.state}: {t.rule or ''} {t.reason or ''}".strip()
+                    for t in r.tasks
+                    if t.state in ("failed", "refused", "expired", "late")
+                },
+                deadline_at=r.deadline_at,
+                closed_at=r.closed_at,
+                metrics=r.metrics or {},
+                reason=r.reason,
             )
             for r in rows
         ],
-    )  # fmt: skip
+    )
 
 
 @router.post("", status_code=201, response_model=JobPublic)

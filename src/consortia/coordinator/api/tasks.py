@@ -19,9 +19,10 @@ Anyone = Annotated[Principal, principal_with("operator", "auditor", "site")]
 
 @router.get("/sites/me/tasks", response_model=TasksPublic)
 async def poll_tasks(
-    rounds: RoundsDep, site: SitePrincipal,
+    rounds: RoundsDep,
+    site: SitePrincipal,
     wait: Annotated[float, Query(ge=0, le=300, description="seconds to long-poll")] = 0,
-) -> TasksPublic:  # fmt: skip
+) -> TasksPublic:
     if site.role != "site":
         raise PermissionDeniedError("only site credentials have tasks.")
     return TasksPublic(tasks=await rounds.poll(site, wait))

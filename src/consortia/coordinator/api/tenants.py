@@ -49,9 +49,7 @@ def new_enrollment(name: str, tenants: TenantsDep, who: Operator) -> EnrollmentT
 
 
 @router.get("/sites", response_model=list[SitePublic])
-def list_sites(
-    tenants: TenantsDep, who: Reader, tenant: Annotated[str | None, Query()] = None
-) -> list[SitePublic]:
+def list_sites(tenants: TenantsDep, who: Reader, tenant: Annotated[str | None, Query()] = None) -> list[SitePublic]:
     return tenants.list_sites(who, tenant)
 
 

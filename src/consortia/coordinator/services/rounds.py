@@ -141,15 +141,26 @@ class RoundService:
         return [sites[i] for i in idx]
 
     def _open(
-        self, job_id: int, spec: JobSpec, number: int, attempt: int, kind: str,
-        global_in: str | None, **close: Any,
-    ) -> Round:  # fmt: skip
+        self,
+        job_id: int,
+        spec: JobSpec,
+        number: int,
+        attempt: int,
+        kind: str,
+        global_in: str | None,
+        **close: Any,
+    ) -> Round:
         sites = self._sample(spec, self._eligible(spec), number, attempt, kind)
         rnd = self.store.open_round(
-            job_id=job_id, number=number, attempt=attempt, kind=kind, global_in=global_in,
+            job_id=job_id,
+            number=number,
+            attempt=attempt,
+            kind=kind,
+            global_in=global_in,
             deadline_at=utcnow() + timedelta(seconds=spec.round_deadline_seconds),
-            site_ids=[s.id for s in sites], **close,
-        )  # fmt: skip
+            site_ids=[s.id for s in sites],
+            **close,
+        )
         self.notifier.wake([s.id for s in sites])
         return rnd
 
@@ -188,10 +199,15 @@ class RoundService:
         if preprocessing is not None:
             payload["preprocessing"] = preprocessing
         return TaskPublic(
-            id=task.id, job_id=task.job_id, kind=task.kind, round=task.round_number,
-            attempt=task.attempt, deadline_at=task.deadline_at, global_hash=task.global_in,
+            id=task.id,
+            job_id=task.job_id,
+            kind=task.kind,
+            round=task.round_number,
+            attempt=task.attempt,
+            deadline_at=task.deadline_at,
+            global_hash=task.global_in,
             payload=payload,
-        )  # fmt: skip
+        )
 
     def deliverable(self, site_id: int) -> list[TaskPublic]:
         tasks = self.store.deliverable_tasks(site_id)
@@ -308,8 +324,11 @@ class RoundService:
                 self._retry_or_fail(job, spec, rnd, completed)
 
     def _retry_or_fail(self, job: Job, spec: JobSpec, rnd: Round, completed: list[Task]) -> None:
-        why = [f"{t.site}: {t.state}" + (f" ({t.rule}: {t.reason})" if t.reason else "")
-               for t in rnd.tasks if t.state != "completed"]  # fmt: skip
+        why = [
+            f"{t.site}: {t.state}" + (f" ({t.rule}: {t.reason})" if t.reason else "")
+            for t in rnd.tasks
+            if t.state != "completed"
+        ]
         reason = (
             f"round {rnd.number} ({rnd.kind}, attempt {rnd.attempt + 1}): {len(completed)} of "
             f"{len(rnd.tasks)} sampled site(s) reported, min_sites is {spec.min_sites}"
@@ -322,9 +341,11 @@ class RoundService:
         else:
             log.warning("job %s failed: %s", job.id, reason)
             self.store.finish_job(
-                job.id, state="failed",
-                reason=f"{reason}; gave up after {rnd.attempt + 1} attempt(s).", **close,
-            )  # fmt: skip
+                job.id,
+                state="failed",
+                reason=f"{reason}; gave up after {rnd.attempt + 1} attempt(s).",
+                **close,
+            )
 
     async def _close(self, job: Job, spec: JobSpec, rnd: Round) -> None:
         if rnd.kind == "profile":
@@ -338,21 +359,27 @@ class RoundService:
         done = [t for t in rnd.tasks if t.state == "completed"]
         profiles = [ProfileResult.model_validate(t.result["profile"]) for t in done if t.result]
         plan = merge_profiles(profiles, spec)
-        params = await asyncio.to_thread(
-            init_params, spec.recipe.name, plan.input_dim, spec.recipe.options, spec.seed
-        )
+        params = await asyncio.to_thread(init_params, spec.recipe.name, plan.input_dim, spec.recipe.options, spec.seed)
         strategy = make_strategy(spec.strategy.name, spec.strategy.options)
         global_hash = self.blobs.put(encode(params))
         state = strategy.init_state(params)
         state_hash = self.blobs.put(encode(state)) if state else None
-        metrics = {"sites": [t.site for t in done], "rows": sum(p.rows for p in profiles),
-                   "input_dim": plan.input_dim}  # fmt: skip
+        metrics = {"sites": [t.site for t in done], "rows": sum(p.rows for p in profiles), "input_dim": plan.input_dim}
         self._open(
-            job.id, spec, 1, 0, "train", global_hash, close=rnd,
+            job.id,
+            spec,
+            1,
+            0,
+            "train",
+            global_hash,
+            close=rnd,
             close_fields={"global_out": global_hash, "metrics": metrics},
-            job_fields={"preprocessing": plan.model_dump(mode="json"), "global_hash": global_hash,
-                        "state_hash": state_hash},
-        )  # fmt: skip
+            job_fields={
+                "preprocessing": plan.model_dump(mode="json"),
+                "global_hash": global_hash,
+                "state_hash": state_hash,
+            },
+        )
 
     async def _close_train(self, job: Job, spec: JobSpec, rnd: Round) -> None:
         updates = self.store.round_updates(rnd.id)
@@ -369,9 +396,8 @@ class RoundService:
         close = {
             "close": rnd,
             "close_fields": {"global_out": global_hash, "state_out": state_hash, "metrics": metrics},
-            "job_fields": {"global_hash": global_hash, "state_hash": state_hash,
-                           "rounds_completed": rnd.number},
-        }  # fmt: skip
+            "job_fields": {"global_hash": global_hash, "state_hash": state_hash, "rounds_completed": rnd.number},
+        }
         if rnd.number < spec.rounds:
             self._open(job.id, spec, rnd.number + 1, 0, "train", global_hash, **close)
         else:
@@ -394,9 +420,13 @@ class RoundService:
         evals = {t.site: EvaluationResult.model_validate(t.result["evaluation"]) for t in done}  # type: ignore[index]
         metrics = _pool(evals)
         self.store.finish_job(
-            job.id, state="completed", reason=None, close=rnd, close_fields={"metrics": metrics},
+            job.id,
+            state="completed",
+            reason=None,
+            close=rnd,
+            close_fields={"metrics": metrics},
             job_fields={"final_metrics": metrics, "global_hash": rnd.global_in},
-        )  # fmt: skip
+        )
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -33,9 +33,13 @@ class TenantService:
             return None
         token = new_token("admin")
         self.store.add_credential(
-            token_hash=hash_token(token), name="admin", role="admin", tenant_id=None,
-            site_id=None, expires_at=utcnow() + timedelta(days=3650),
-        )  # fmt: skip
+            token_hash=hash_token(token),
+            name="admin",
+            role="admin",
+            tenant_id=None,
+            site_id=None,
+            expires_at=utcnow() + timedelta(days=3650),
+        )
         return token
 
     def create_tenant(self, name: str, regulated: bool) -> TenantCreated:
@@ -76,10 +80,16 @@ class TenantService:
         elif principal.tenant_id is not None:
             tenant_id = principal.tenant_id
         return [
-            SitePublic(id=s.id, name=s.name, tenant=s.tenant, status=s.status,
-                       created_at=s.created_at, last_seen_at=s.last_seen_at)
+            SitePublic(
+                id=s.id,
+                name=s.name,
+                tenant=s.tenant,
+                status=s.status,
+                created_at=s.created_at,
+                last_seen_at=s.last_seen_at,
+            )
             for s in self.store.list_sites(tenant_id)
-        ]  # fmt: skip
+        ]
 
     def enroll(self, enrollment_token: str, site_name: str) -> EnrollResponse:
         credential = new_token("site")
@@ -96,7 +106,11 @@ class TenantService:
         token = new_token(req.role)
         expires = utcnow() + timedelta(days=req.ttl_days)
         self.store.add_credential(
-            token_hash=hash_token(token), name=req.name, role=req.role, tenant_id=tenant_id,
-            site_id=None, expires_at=expires,
-        )  # fmt: skip
+            token_hash=hash_token(token),
+            name=req.name,
+            role=req.role,
+            tenant_id=tenant_id,
+            site_id=None,
+            expires_at=expires,
+        )
         return CredentialPublic(name=req.name, role=req.role, tenant=req.tenant, token=token, expires_at=expires)
