@@ -6,13 +6,14 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from consortia import __version__
@@ -58,7 +59,16 @@ def create_app(settings: Settings) -> FastAPI:
         log.warning("admin credential written to %s (mode 0600)", settings.admin_credential_path)
 
     registry = CollectorRegistry()
-    requests_total = Counter("consortia_http_requests", "HTTP requests", ["method", "status"], registry=registry)
+    requests_total = Counter(
+        "consortia_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+    )
+    latency = Histogram(
+        "consortia_http_request_duration_seconds",
+        "HTTP request latency (long polls included)",
+        ["method", "route"],
+        registry=registry,
+        buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -116,8 +126,12 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.middleware("http")
     async def _count(request: Request, call_next):  # type: ignore[no-untyped-def]
+        start = time.perf_counter()
         response = await call_next(request)
-        requests_total.labels(request.method, str(response.status_code)).inc()
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        requests_total.labels(request.method, path, str(response.status_code)).inc()
+        latency.labels(request.method, path).observe(time.perf_counter() - start)
         return response
 
     @app.get("/healthz", tags=["ops"])

@@ -400,6 +400,20 @@ class SqlStore:
             )
             s.add(JobEventRow(job_id=job_id, at=utcnow(), kind=f"job_{state}", detail={"reason": reason}))
 
+    def open_round_ids(self) -> list[int]:
+        with self._tx() as s:
+            return list(s.scalars(select(RoundRow.id).where(RoundRow.state == OPEN).order_by(RoundRow.id)))
+
+    def round_progress(self, round_id: int) -> tuple[Round, dict[str, int]]:
+        """The round (without its tasks) and its task counts by state: one cheap query,
+        so checking a round after each arrival costs O(1) rows, not O(sites)."""
+        with self._tx() as s:
+            row = s.get(RoundRow, round_id)
+            if row is None:
+                raise NotFoundError(f"round {round_id} not found.")
+            q = select(TaskRow.state, func.count()).where(TaskRow.round_id == round_id).group_by(TaskRow.state)
+            return _round(row), {state: int(n) for state, n in s.execute(q)}
+
     def open_rounds(self) -> list[Round]:
         with self._tx() as s:
             rows = s.scalars(select(RoundRow).where(RoundRow.state == OPEN).order_by(RoundRow.id))

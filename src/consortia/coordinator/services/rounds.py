@@ -111,6 +111,7 @@ class RoundService:
         self.max_poll_seconds = max_poll_seconds
         self._locks: dict[int, asyncio.Lock] = {}
         self._cache: OrderedDict[str, Params] = OrderedDict()
+        self._last_touch: dict[int, float] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -224,8 +225,10 @@ class RoundService:
         """Long poll: answer at once if tasks are waiting, else wait on an event (no
         thread held) until one is created or ``wait`` seconds pass."""
         assert principal.site_id is not None
-        self.store.touch_site(principal.site_id)
         loop = asyncio.get_running_loop()
+        if loop.time() - self._last_touch.get(principal.site_id, -1e9) > 15.0:  # bounded writes
+            self._last_touch[principal.site_id] = loop.time()
+            self.store.touch_site(principal.site_id)
         end = loop.time() + min(max(wait, 0.0), self.max_poll_seconds)
         while True:
             ev = self.notifier.event(principal.site_id)
@@ -303,27 +306,29 @@ class RoundService:
         task.add_done_callback(_log_failure)
 
     async def tick(self) -> None:
-        for rnd in self.store.open_rounds():
-            await self.check_round(rnd.id)
+        for round_id in self.store.open_round_ids():
+            await self.check_round(round_id)
 
     async def check_round(self, round_id: int) -> None:
-        rnd = self.store.get_round(round_id)
+        rnd, _ = self.store.round_progress(round_id)
         async with self._lock(rnd.job_id):
-            rnd = self.store.get_round(round_id)
+            rnd, counts = self.store.round_progress(round_id)
             if rnd.state != "open":
                 return
             job = self.store.get_job(rnd.job_id)
             spec = JobSpec.model_validate(job.spec)
-            completed = [t for t in rnd.tasks if t.state == "completed"]
-            answered = [t for t in rnd.tasks if t.state in ("completed", "failed", "refused", "late")]
+            total = sum(counts.values())
+            completed = counts.get("completed", 0)
+            answered = sum(counts.get(s, 0) for s in ("completed", "failed", "refused", "late"))
             expired = utcnow() >= rnd.deadline_at
-            everyone = len(answered) == len(rnd.tasks)
-            if len(completed) >= spec.min_sites and (everyone or expired):
-                await self._close(job, spec, rnd)
+            everyone = answered == total
+            if completed >= spec.min_sites and (everyone or expired):
+                await self._close(job, spec, self.store.get_round(round_id))
             elif expired or everyone:
-                self._retry_or_fail(job, spec, rnd, completed)
+                self._retry_or_fail(job, spec, self.store.get_round(round_id))
 
-    def _retry_or_fail(self, job: Job, spec: JobSpec, rnd: Round, completed: list[Task]) -> None:
+    def _retry_or_fail(self, job: Job, spec: JobSpec, rnd: Round) -> None:
+        completed = [t for t in rnd.tasks if t.state == "completed"]
         why = [
             f"{t.site}: {t.state}" + (f" ({t.rule}: {t.reason})" if t.reason else "")
             for t in rnd.tasks
