@@ -353,7 +353,7 @@ def main() -> None:
     try:
         app()
     except ConsortiaError as exc:
-        err.print(f"[red]error:[/] {exc.message}", highlight=False)
+        err.print(f"[red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)
