@@ -1,7 +1,6 @@
 """Authentication and tenant isolation: tenant A's credentials cannot read, submit or act
 for tenant B, and every refusal is a JSON error body."""
 
-import httpx
 import pytest
 
 from conftest import SPEC
@@ -108,7 +107,6 @@ def test_site_reads_only_models_of_its_own_tasks(coord):
     a, b = coord.site("bank-a"), coord.site("bank-b")
     c = coord.site("bank-c")
     coord.admin.post_json("/v1/jobs", {**SPEC, "tenants": ["bank-a", "bank-b"]})
-    job = coord.wait_job(1, [a, b], states=("running",), timeout=1) if False else None  # noqa: F841
     for ctx in (a, b):
         for task in ctx.client.poll(0):
             from consortia.site.tasks import dispatch
@@ -151,4 +149,3 @@ def test_openapi_is_served(coord):
     spec = coord.http.get("/openapi.json").json()
     assert "/v1/tasks/{task_id}/update" in spec["paths"]
     assert coord.http.get("/healthz").json()["status"] == "ok"
-    assert isinstance(httpx.Response, type)

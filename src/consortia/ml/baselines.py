@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from consortia.core.metrics import auc_from_histograms, score_histograms
+from consortia.core.metrics import SCORE_BINS, auc_from_histograms, score_histograms
 from consortia.ml import recipes
 from consortia.ml.data import merge_profiles, profile, transform
 from consortia.ml.evaluate import evaluate_scores
@@ -43,8 +43,8 @@ def centralized_and_local(spec_raw: dict[str, Any], partitions: dict[str, pd.Dat
     prepared = {name: prepare(df, spec, name) for name, df in partitions.items()}
 
     def pooled_auc(predict) -> float:  # type: ignore[no-untyped-def]
-        neg = np.zeros(1000, np.int64)
-        pos = np.zeros(1000, np.int64)
+        neg = np.zeros(SCORE_BINS, np.int64)
+        pos = np.zeros(SCORE_BINS, np.int64)
         for p in prepared.values():
             n_, p_ = score_histograms(predict(p.frame.iloc[p.test]), p.y[p.test])
             neg += n_

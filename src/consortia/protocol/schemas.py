@@ -141,8 +141,6 @@ class JobSpec(_Strict):
             raise ValueError(f"features: duplicate column(s) {dupes}")
         if self.label.column in names:
             raise ValueError(f"label.column {self.label.column!r} is also listed as a feature")
-        if self.strategy.name == "fedprox" and "proximal_mu" not in self.strategy.options:
-            pass  # FedProx default mu applies
         return self
 
 

@@ -99,6 +99,11 @@ def _round(r: RoundRow, tasks: Sequence[Task] = ()) -> Round:
     )
 
 
+def _event(s: Session, job_id: int, kind: str, detail: dict[str, Any]) -> None:
+    """Append to the job's event log inside the caller's transaction."""
+    s.add(JobEventRow(job_id=job_id, at=utcnow(), kind=kind, detail=detail))
+
+
 class SqlStore:
     """Persistence for tenants, credentials, sites, jobs, rounds, tasks and updates."""
 
@@ -272,7 +277,7 @@ class SqlStore:
             )
             s.add(row)
             s.flush()
-            s.add(JobEventRow(job_id=row.id, at=utcnow(), kind="job_submitted", detail={"name": name}))
+            _event(s, row.id, "job_submitted", {"name": name})
             return _job(row)
 
     def get_job(self, job_id: int) -> Job:
@@ -291,7 +296,7 @@ class SqlStore:
 
     def add_event(self, job_id: int, kind: str, detail: dict[str, Any]) -> None:
         with self._tx() as s:
-            s.add(JobEventRow(job_id=job_id, at=utcnow(), kind=kind, detail=detail))
+            _event(s, job_id, kind, detail)
 
     def events(self, job_id: int) -> list[tuple[datetime, str, dict[str, Any]]]:
         with self._tx() as s:
@@ -337,18 +342,16 @@ class SqlStore:
             s.flush()
             for sid in site_ids:
                 s.add(TaskRow(round_id=row.id, site_id=sid, state="pending", created_at=now))
-            s.add(
-                JobEventRow(
-                    job_id=job_id,
-                    at=now,
-                    kind="round_opened",
-                    detail={
-                        "round": number,
-                        "attempt": attempt,
-                        "kind": kind,
-                        "sites": list(site_ids),
-                    },
-                )
+            _event(
+                s,
+                job_id,
+                "round_opened",
+                {
+                    "round": number,
+                    "attempt": attempt,
+                    "kind": kind,
+                    "sites": list(site_ids),
+                },
             )
             return _round(row)
 
@@ -365,17 +368,15 @@ class SqlStore:
             .where(TaskRow.round_id == rnd.id, TaskRow.state.in_(("pending", "delivered")))
             .values(state="expired", reason="the round closed before this site reported")
         )
-        s.add(
-            JobEventRow(
-                job_id=rnd.job_id,
-                at=utcnow(),
-                kind=f"round_{state}",
-                detail={
-                    "round": rnd.number,
-                    "attempt": rnd.attempt,
-                    "reason": fields.get("reason"),
-                },
-            )
+        _event(
+            s,
+            rnd.job_id,
+            f"round_{state}",
+            {
+                "round": rnd.number,
+                "attempt": rnd.attempt,
+                "reason": fields.get("reason"),
+            },
         )
 
     def finish_job(
@@ -398,7 +399,7 @@ class SqlStore:
                 .where(JobRow.id == job_id)
                 .values(state=state, reason=reason, finished_at=utcnow(), **(job_fields or {}))
             )
-            s.add(JobEventRow(job_id=job_id, at=utcnow(), kind=f"job_{state}", detail={"reason": reason}))
+            _event(s, job_id, f"job_{state}", {"reason": reason})
 
     def open_round_ids(self) -> list[int]:
         with self._tx() as s:
@@ -413,11 +414,6 @@ class SqlStore:
                 raise NotFoundError(f"round {round_id} not found.")
             q = select(TaskRow.state, func.count()).where(TaskRow.round_id == round_id).group_by(TaskRow.state)
             return _round(row), {state: int(n) for state, n in s.execute(q)}
-
-    def open_rounds(self) -> list[Round]:
-        with self._tx() as s:
-            rows = s.scalars(select(RoundRow).where(RoundRow.state == OPEN).order_by(RoundRow.id))
-            return [self._round_with_tasks(s, r) for r in rows]
 
     def get_round(self, round_id: int) -> Round:
         with self._tx() as s:
@@ -505,19 +501,17 @@ class SqlStore:
             else:
                 t.state, t.reason, t.rule, t.result, t.completed_at = state, reason, rule, result, now
                 status = "recorded"
-            s.add(
-                JobEventRow(
-                    job_id=r.job_id,
-                    at=now,
-                    kind=f"task_{t.state}",
-                    detail={
-                        "round": r.number,
-                        "attempt": r.attempt,
-                        "site_id": t.site_id,
-                        "reason": reason,
-                        "rule": rule,
-                    },
-                )
+            _event(
+                s,
+                r.job_id,
+                f"task_{t.state}",
+                {
+                    "round": r.number,
+                    "attempt": r.attempt,
+                    "site_id": t.site_id,
+                    "reason": reason,
+                    "rule": rule,
+                },
             )
             return status
 
@@ -568,19 +562,17 @@ class SqlStore:
             t.completed_at = now
             if status == "late":
                 t.reason = "update arrived after the round closed; recorded, not applied"
-            s.add(
-                JobEventRow(
-                    job_id=r.job_id,
-                    at=now,
-                    kind=f"update_{status}",
-                    detail={
-                        "round": r.number,
-                        "attempt": r.attempt,
-                        "site_id": task.site_id,
-                        "examples": num_examples,
-                        "bytes": nbytes,
-                    },
-                )
+            _event(
+                s,
+                r.job_id,
+                f"update_{status}",
+                {
+                    "round": r.number,
+                    "attempt": r.attempt,
+                    "site_id": task.site_id,
+                    "examples": num_examples,
+                    "bytes": nbytes,
+                },
             )
             try:
                 s.flush()

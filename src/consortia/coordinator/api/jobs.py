@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Request
 
 from consortia.coordinator.api.deps import RoundsDep, principal_with
-from consortia.errors import PayloadTooLargeError, SpecError
+from consortia.errors import PayloadTooLargeError, PermissionDeniedError, SpecError
 from consortia.protocol.schemas import JobEventPublic, JobPublic, JobsPublic, RoundPublic
 from consortia.store.entities import Job, Principal
 
@@ -60,15 +61,11 @@ async def submit_job(request: Request, rounds: RoundsDep, who: Submitter) -> Job
     raw = await request.body()
     if len(raw) > request.app.state.settings.max_json_bytes:
         raise PayloadTooLargeError("job spec is too large.")
-    import json
-
     try:
         spec: Any = json.loads(raw or b"null")
     except json.JSONDecodeError as exc:
         raise SpecError(f"job spec is not valid JSON: {exc.msg} at line {exc.lineno}.") from exc
     if who.tenant_id is not None:
-        from consortia.errors import PermissionDeniedError
-
         raise PermissionDeniedError("jobs span tenants: only consortium-wide operators submit them.")
     return job_public(rounds, rounds.submit(spec, who))
 

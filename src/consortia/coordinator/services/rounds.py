@@ -186,7 +186,8 @@ class RoundService:
         """After a restart: give open rounds back part of their deadline, since sites could
         not report while the coordinator was down."""
         now = utcnow()
-        for rnd in self.store.open_rounds():
+        for round_id in self.store.open_round_ids():
+            rnd, _ = self.store.round_progress(round_id)
             spec = JobSpec.model_validate(self.store.get_job(rnd.job_id).spec)
             floor = now + timedelta(seconds=grace_fraction * spec.round_deadline_seconds)
             if rnd.deadline_at < floor:
