@@ -46,8 +46,10 @@ def test_expired_enrollment_token_is_refused(coord):
     from consortia.store.entities import utcnow
 
     store = coord.http.app.state.store
-    tenant = store.create_tenant("bank-x", False)
-    store.add_enrollment_token(tenant.id, hash_token("cst_enroll_expiredtoken"), utcnow() - timedelta(seconds=1))
+    tenant = store.create_tenant("bank-x", False, "admin")
+    store.add_enrollment_token(
+        tenant.id, "bank-x", hash_token("cst_enroll_expiredtoken"), utcnow() - timedelta(seconds=1), "admin"
+    )
     resp = raw(coord, "POST", "/v1/enroll", json={"enrollment_token": "cst_enroll_expiredtoken", "site_name": "s"})
     assert_error(resp, 401, "unauthenticated")
     assert "expired" in resp.json()["detail"]
@@ -139,6 +141,7 @@ def test_expired_and_revoked_credentials_are_refused(coord):
         tenant_id=None,
         site_id=None,
         expires_at=utcnow() - timedelta(days=1),
+        actor="admin",
     )
     resp = raw(coord, "GET", "/v1/jobs", "cst_operator_old")
     assert_error(resp, 401, "unauthenticated")

@@ -70,10 +70,14 @@ def wait_state(fed: Federation, job_id: int, pred, timeout: float = 240.0, what:
     raise AssertionError(f"timed out waiting for {what}; last job state: {last and last['state']}, logs in {fed.logs}")
 
 
+def _read_only(message: bytes) -> bytes:
+    raise AssertionError("this test store only reads; it must not append to the audit log")
+
+
 def assert_exactly_once(fed: Federation, job_id: int, rounds: int) -> None:
     """Every train round 1..R closed exactly once, and its model is exactly the FedAvg of
     the round's accepted updates (one per site), so nothing was lost or applied twice."""
-    store = SqlStore(make_engine(f"sqlite:///{fed.coord_home / 'coordinator.db'}"))
+    store = SqlStore(make_engine(f"sqlite:///{fed.coord_home / 'coordinator.db'}"), sign=_read_only)
     blobs = BlobStore(fed.coord_home / "blobs")
     closed = [r for r in store.job_rounds(job_id) if r.kind == "train" and r.state == "closed"]
     assert sorted(r.number for r in closed) == list(range(1, rounds + 1))

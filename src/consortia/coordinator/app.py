@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from consortia import __version__
 from consortia.coordinator.api import jobs, tasks, tenants
+from consortia.coordinator.keys import CoordinatorKeys
 from consortia.coordinator.services.rounds import RoundService
 from consortia.coordinator.services.tenants import TenantService
 from consortia.coordinator.settings import Settings
@@ -49,7 +50,8 @@ def create_app(settings: Settings) -> FastAPI:
     settings.home.mkdir(parents=True, exist_ok=True)
     engine = make_engine(settings.database_url)
     upgrade(engine)
-    store = SqlStore(engine)
+    keys = CoordinatorKeys.load_or_create(settings.key_dir)
+    store = SqlStore(engine, sign=keys.sign_head)
     blobs = BlobStore(settings.blob_dir)
     tenant_service = TenantService(store, settings)
     rounds = RoundService(store, blobs, max_poll_seconds=settings.max_poll_seconds)
@@ -104,6 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.blobs = blobs
     app.state.rounds = rounds
     app.state.tenants = tenant_service
+    app.state.keys = keys
 
     @app.exception_handler(ConsortiaError)
     async def _consortia_error(request: Request, exc: ConsortiaError) -> JSONResponse:

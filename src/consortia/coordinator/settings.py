@@ -36,5 +36,13 @@ class Settings(BaseSettings):
         return self.home / "blobs"
 
     @property
+    def key_dir(self) -> Path:
+        return self.home / "keys"
+
+    @property
+    def release_dir(self) -> Path:
+        return self.home / "releases"
+
+    @property
     def admin_credential_path(self) -> Path:
         return self.home / "admin.token"

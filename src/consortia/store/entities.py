@@ -6,7 +6,20 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-__all__ = ["Job", "Principal", "Round", "Site", "Task", "Tenant", "Update", "utcnow"]
+__all__ = [
+    "Approval",
+    "AuditEntry",
+    "Job",
+    "ModelVersion",
+    "Policy",
+    "Principal",
+    "Round",
+    "Site",
+    "Task",
+    "Tenant",
+    "Update",
+    "utcnow",
+]
 
 
 def utcnow() -> datetime:
@@ -121,3 +134,56 @@ class Job:
     final_metrics: dict[str, Any] | None
     created_at: datetime
     finished_at: datetime | None
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    seq: int
+    at: datetime
+    actor: str
+    tenant: str | None
+    action: str
+    subject: str
+    detail: dict[str, Any]
+    leaf_hash: str
+    root_hash: str
+    signature: str
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    id: int
+    model: str
+    version: int
+    job_id: int
+    params_hash: str
+    lineage: dict[str, Any]
+    stage: str
+    release_digest: str | None
+    created_at: datetime
+
+    @property
+    def ref(self) -> str:
+        return f"{self.model}:{self.version}"
+
+
+@dataclass(frozen=True)
+class Approval:
+    tenant: str
+    stage: str
+    decision: str
+    signed_at: datetime
+    key_fingerprint: str
+    actor: str
+    payload: dict[str, Any]
+    signature: str
+
+
+@dataclass(frozen=True)
+class Policy:
+    model: str
+    revision: int
+    document: dict[str, Any]
+    digest: str
+    actor: str
+    created_at: datetime

@@ -19,13 +19,20 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "ApprovalRow",
+    "ApproverKeyRow",
+    "AuditRow",
     "Base",
     "CredentialRow",
     "EnrollmentTokenRow",
     "JobEventRow",
     "JobRow",
+    "ModelVersionRow",
+    "PolicyRow",
+    "RegisteredModelRow",
     "RoundRow",
     "SiteRow",
+    "StageTransitionRow",
     "TaskRow",
     "TenantRow",
     "UpdateRow",
@@ -183,3 +190,110 @@ class JobEventRow(Base):
     at: Mapped[datetime]
     kind: Mapped[str] = mapped_column(String(40))
     detail: Mapped[dict[str, Any]]
+
+
+# ---------------------------------------------------------------------------- governance
+
+
+class AuditRow(Base):
+    """One entry of the tamper-evident audit log (an RFC 6962 Merkle log).
+
+    ``leaf_hash`` is over the canonical JSON of (seq, at, actor, tenant, action, subject,
+    detail); ``root_hash`` is the tree head after this entry, ``frontier`` the subtree
+    roots needed to append the next one, ``signature`` the coordinator's Ed25519 signature
+    of the head. ``seq`` is assigned densely from 0, so a deleted row leaves a gap.
+    """
+
+    __tablename__ = "audit_log"
+    seq: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    at: Mapped[datetime]
+    actor: Mapped[str] = mapped_column(String(100))
+    tenant: Mapped[str | None] = mapped_column(String(63), index=True)
+    action: Mapped[str] = mapped_column(String(64), index=True)
+    subject: Mapped[str] = mapped_column(String(200))
+    detail: Mapped[dict[str, Any]]
+    leaf_hash: Mapped[str] = mapped_column(String(64))
+    root_hash: Mapped[str] = mapped_column(String(64))
+    frontier: Mapped[list[str]] = mapped_column(JSON)
+    signature: Mapped[str] = mapped_column(String(200))
+
+
+class RegisteredModelRow(Base):
+    __tablename__ = "registered_models"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    created_at: Mapped[datetime]
+
+
+class ModelVersionRow(Base):
+    """A registered model version: content address, lineage, card, stage, release."""
+
+    __tablename__ = "model_versions"
+    __table_args__ = (UniqueConstraint("model_id", "version"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id"), index=True)
+    version: Mapped[int] = mapped_column(Integer)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    params_hash: Mapped[str] = mapped_column(String(64))
+    lineage: Mapped[dict[str, Any]]
+    stage: Mapped[str] = mapped_column(String(16))
+    release_digest: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime]
+
+
+class StageTransitionRow(Base):
+    """Stage history of a version: who moved it where, when, and the policy evidence."""
+
+    __tablename__ = "stage_transitions"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    from_stage: Mapped[str] = mapped_column(String(16))
+    to_stage: Mapped[str] = mapped_column(String(16))
+    actor: Mapped[str] = mapped_column(String(100))
+    evaluation: Mapped[dict[str, Any]]
+    at: Mapped[datetime]
+
+
+class PolicyRow(Base):
+    """A promotion policy for one registered model; every apply is a new revision."""
+
+    __tablename__ = "promotion_policies"
+    __table_args__ = (UniqueConstraint("model_name", "revision"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model_name: Mapped[str] = mapped_column(String(63), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    document: Mapped[dict[str, Any]]
+    digest: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime]
+
+
+class ApproverKeyRow(Base):
+    """A tenant approver's Ed25519 public key (the private key never reaches us)."""
+
+    __tablename__ = "approver_keys"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    public_key: Mapped[str] = mapped_column(String(64), unique=True)
+    fingerprint: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
+
+
+class ApprovalRow(Base):
+    """A verified, signed approval (or rejection). ``nonce`` is unique: a replay fails."""
+
+    __tablename__ = "approvals"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    version_id: Mapped[int] = mapped_column(ForeignKey("model_versions.id"), index=True)
+    stage: Mapped[str] = mapped_column(String(16))
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"))
+    decision: Mapped[str] = mapped_column(String(16))
+    nonce: Mapped[str] = mapped_column(String(64), unique=True)
+    signed_at: Mapped[datetime]
+    payload: Mapped[dict[str, Any]]
+    signature: Mapped[str] = mapped_column(String(200))
+    key_fingerprint: Mapped[str] = mapped_column(String(64))
+    actor: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime]

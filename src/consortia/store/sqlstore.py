@@ -7,7 +7,7 @@ deadline tick and a final update arriving together) cannot both win.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
@@ -17,7 +17,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from consortia.errors import AuthError, ConflictError, NotFoundError
-from consortia.store.entities import Job, Principal, Round, Site, Task, Tenant, Update, utcnow
+from consortia.store.entities import Job, ModelVersion, Principal, Round, Site, Task, Tenant, Update, utcnow
+from consortia.store.governance import GovernanceStore
 from consortia.store.models import (
     CredentialRow,
     EnrollmentTokenRow,
@@ -104,12 +105,17 @@ def _event(s: Session, job_id: int, kind: str, detail: dict[str, Any]) -> None:
     s.add(JobEventRow(job_id=job_id, at=utcnow(), kind=kind, detail=detail))
 
 
-class SqlStore:
-    """Persistence for tenants, credentials, sites, jobs, rounds, tasks and updates."""
+class SqlStore(GovernanceStore):
+    """Persistence for tenants, credentials, sites, jobs, rounds, tasks and updates, plus
+    governance (:class:`~consortia.store.governance.GovernanceStore`).
 
-    def __init__(self, engine: Engine) -> None:
+    ``sign`` signs audit-log tree heads (the coordinator's Ed25519 key).
+    """
+
+    def __init__(self, engine: Engine, sign: Callable[[bytes], bytes]) -> None:
         self.engine = engine
         self._sessions = sessionmaker(engine, expire_on_commit=False)
+        self._sign = sign
 
     @contextmanager
     def _tx(self) -> Iterator[Session]:
@@ -118,12 +124,13 @@ class SqlStore:
 
     # ------------------------------------------------------------------ tenants and sites
 
-    def create_tenant(self, name: str, regulated: bool) -> Tenant:
+    def create_tenant(self, name: str, regulated: bool, actor: str) -> Tenant:
         try:
             with self._tx() as s:
                 row = TenantRow(name=name, regulated=regulated, created_at=utcnow())
                 s.add(row)
                 s.flush()
+                self._audit(s, actor, name, "tenant.created", name, {"regulated": regulated})
                 return _tenant(row)
         except IntegrityError as exc:
             raise ConflictError(f"tenant {name!r} already exists; pick another name.") from exc
@@ -157,8 +164,11 @@ class SqlStore:
 
     # ------------------------------------------------------------------ credentials
 
-    def add_enrollment_token(self, tenant_id: int, token_hash: str, expires_at: datetime) -> None:
+    def add_enrollment_token(
+        self, tenant_id: int, tenant: str, token_hash: str, expires_at: datetime, actor: str
+    ) -> None:
         with self._tx() as s:
+            self._audit(s, actor, tenant, "enrollment_token.issued", tenant, {"expires_at": expires_at.isoformat()})
             s.add(
                 EnrollmentTokenRow(
                     token_hash=token_hash,
@@ -177,8 +187,11 @@ class SqlStore:
         tenant_id: int | None,
         site_id: int | None,
         expires_at: datetime,
+        actor: str,
+        tenant: str | None = None,
     ) -> None:
         with self._tx() as s:
+            self._audit(s, actor, tenant, "credential.created", name, {"role": role})
             s.add(
                 CredentialRow(
                     token_hash=token_hash,
@@ -239,6 +252,7 @@ class SqlStore:
                     expires_at=expires_at,
                 )
             )
+            self._audit(s, f"site:{site_name}", tenant.name, "site.enrolled", site_name, {"site_id": site.id})
             return Site(site.id, site.name, tenant.id, tenant.name, "active", now, None), tenant.name
 
     def principal(self, token_hash: str) -> Principal | None:
@@ -264,7 +278,7 @@ class SqlStore:
 
     # ------------------------------------------------------------------ jobs
 
-    def create_job(self, name: str, spec: dict[str, Any], spec_hash: str, submitted_by: int) -> Job:
+    def create_job(self, name: str, spec: dict[str, Any], spec_hash: str, submitted_by: int, actor: str) -> Job:
         with self._tx() as s:
             row = JobRow(
                 name=name,
@@ -278,6 +292,7 @@ class SqlStore:
             s.add(row)
             s.flush()
             _event(s, row.id, "job_submitted", {"name": name})
+            self._audit(s, actor, None, "job.submitted", f"job:{row.id}", {"name": name, "spec_hash": spec_hash})
             return _job(row)
 
     def get_job(self, job_id: int) -> Job:
@@ -368,15 +383,15 @@ class SqlStore:
             .where(TaskRow.round_id == rnd.id, TaskRow.state.in_(("pending", "delivered")))
             .values(state="expired", reason="the round closed before this site reported")
         )
-        _event(
+        detail = {"round": rnd.number, "attempt": rnd.attempt, "kind": rnd.kind, "reason": fields.get("reason")}
+        _event(s, rnd.job_id, f"round_{state}", detail)
+        self._audit(
             s,
-            rnd.job_id,
-            f"round_{state}",
-            {
-                "round": rnd.number,
-                "attempt": rnd.attempt,
-                "reason": fields.get("reason"),
-            },
+            "coordinator",
+            None,
+            f"round.{state}",
+            f"job:{rnd.job_id}",
+            {**detail, "global_out": fields.get("global_out")},
         )
 
     def finish_job(
@@ -389,8 +404,10 @@ class SqlStore:
         close_state: str = CLOSED,
         close_fields: dict[str, Any] | None = None,
         job_fields: dict[str, Any] | None = None,
-    ) -> None:
-        """Atomically close the last round and mark the job completed or failed."""
+        register: dict[str, Any] | None = None,
+    ) -> ModelVersion | None:
+        """Atomically close the last round, mark the job completed or failed and (when
+        ``register`` holds model, params_hash and lineage) register the model version."""
         with self._tx() as s:
             if close is not None:
                 self._finish_round(s, close, close_state, close_fields or {})
@@ -400,6 +417,10 @@ class SqlStore:
                 .values(state=state, reason=reason, finished_at=utcnow(), **(job_fields or {}))
             )
             _event(s, job_id, f"job_{state}", {"reason": reason})
+            self._audit(s, "coordinator", None, f"job.{state}", f"job:{job_id}", {"reason": reason})
+            if register is not None:
+                return self._register(s, job_id=job_id, **register)
+            return None
 
     def open_round_ids(self) -> list[int]:
         with self._tx() as s:

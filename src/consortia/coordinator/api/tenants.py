@@ -28,9 +28,9 @@ Operator = Annotated[Principal, principal_with("operator")]
 
 
 @router.post("/tenants", status_code=201, response_model=TenantCreated)
-def create_tenant(body: TenantCreate, tenants: TenantsDep, _: Admin) -> TenantCreated:
+def create_tenant(body: TenantCreate, tenants: TenantsDep, who: Admin) -> TenantCreated:
     """Create a tenant; the answer holds its first one-time enrollment token."""
-    return tenants.create_tenant(body.name, body.regulated)
+    return tenants.create_tenant(who, body.name, body.regulated)
 
 
 @router.get("/tenants", response_model=list[TenantPublic])

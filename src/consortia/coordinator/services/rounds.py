@@ -178,7 +178,7 @@ class RoundService:
             )
         canonical = spec.model_dump(mode="json")
         spec_hash = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-        job = self.store.create_job(spec.name, canonical, spec_hash, principal.credential_id)
+        job = self.store.create_job(spec.name, canonical, spec_hash, principal.credential_id, principal.name)
         self._open(job.id, spec, 0, 0, "profile", None)
         return self.store.get_job(job.id)
 

@@ -39,26 +39,27 @@ class TenantService:
             tenant_id=None,
             site_id=None,
             expires_at=utcnow() + timedelta(days=3650),
+            actor="coordinator",
         )
         return token
 
-    def create_tenant(self, name: str, regulated: bool) -> TenantCreated:
-        t = self.store.create_tenant(name, regulated)
+    def create_tenant(self, principal: Principal, name: str, regulated: bool) -> TenantCreated:
+        t = self.store.create_tenant(name, regulated, principal.name)
         return TenantCreated(
             tenant=TenantPublic(name=t.name, regulated=t.regulated, created_at=t.created_at),
-            enrollment=self._enrollment(t.id, t.name),
+            enrollment=self._enrollment(principal, t.id, t.name),
         )
 
-    def _enrollment(self, tenant_id: int, tenant: str) -> EnrollmentTokenPublic:
+    def _enrollment(self, principal: Principal, tenant_id: int, tenant: str) -> EnrollmentTokenPublic:
         token = new_token("enroll")
         expires = utcnow() + timedelta(hours=self.settings.enrollment_ttl_hours)
-        self.store.add_enrollment_token(tenant_id, hash_token(token), expires)
+        self.store.add_enrollment_token(tenant_id, tenant, hash_token(token), expires, principal.name)
         return EnrollmentTokenPublic(tenant=tenant, token=token, expires_at=expires)
 
     def new_enrollment(self, principal: Principal, tenant_name: str) -> EnrollmentTokenPublic:
         t = self.store.get_tenant(tenant_name)
         check_tenant(principal, t.id)
-        return self._enrollment(t.id, t.name)
+        return self._enrollment(principal, t.id, t.name)
 
     def list_tenants(self, principal: Principal) -> list[TenantPublic]:
         return [
@@ -112,5 +113,7 @@ class TenantService:
             tenant_id=tenant_id,
             site_id=None,
             expires_at=expires,
+            actor=principal.name,
+            tenant=req.tenant,
         )
         return CredentialPublic(name=req.name, role=req.role, tenant=req.tenant, token=token, expires_at=expires)
