@@ -92,7 +92,9 @@ class Federation:
 
         return CoordinatorClient(self.url, self.admin_token)
 
-    def start_site(self, name: str, data: Path, token: str | None, poll_seconds: float = 5.0) -> None:
+    def start_site(
+        self, name: str, data: Path, token: str | None, poll_seconds: float = 5.0, policy: Path | None = None
+    ) -> None:
         args = [
             "site",
             "run",
@@ -109,6 +111,8 @@ class Federation:
         ]
         if token:
             args += ["--token", token]
+        if policy is not None:
+            args += ["--policy", str(policy)]
         self.sites[name] = self._spawn(args, f"site-{name}.log")
 
     def kill_site(self, name: str) -> None:

@@ -159,17 +159,23 @@ def site_run(
     token: Annotated[str | None, typer.Option(help="one-time enrollment token (first run)")] = None,
     name: Annotated[str | None, typer.Option(help="site name (default: data file stem)")] = None,
     poll_seconds: Annotated[float, typer.Option(help="long-poll duration")] = 20.0,
+    policy: Annotated[
+        Path | None, typer.Option(help="the site's own policy (YAML); only this site controls it")
+    ] = None,
 ) -> None:
     """Enroll (first run), then long-poll for tasks and run them on local data."""
     import torch
 
     from consortia.site.agent import SiteAgent, load_or_enroll
+    from consortia.site.policy import load_policy
+
+    site_policy = load_policy(policy)  # fail before enrolling if the file is bad
 
     torch.set_num_threads(1)
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s site[{name or data.stem}] %(message)s")
     site_name = name or data.stem
     credential = load_or_enroll(coordinator, token, home, site_name)
-    agent = SiteAgent(coordinator, credential, data, home, site_name, poll_seconds=poll_seconds)
+    agent = SiteAgent(coordinator, credential, data, home, site_name, poll_seconds=poll_seconds, policy=site_policy)
     try:
         agent.run()
     except KeyboardInterrupt:

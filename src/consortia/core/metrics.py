@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SCORE_BINS", "auc_from_histograms", "score_histograms"]
+__all__ = ["SCORE_BINS", "auc_from_histograms", "fairness_from_groups", "rates_at_threshold", "score_histograms"]
 
 SCORE_BINS = 1000
 
@@ -45,3 +45,51 @@ def auc_from_histograms(neg: np.ndarray, pos: np.ndarray) -> float:
     neg_below = np.cumsum(neg) - neg  # negatives strictly in lower bins
     wins = float(np.sum(pos * neg_below) + 0.5 * np.sum(pos * neg))
     return wins / float(n_neg * n_pos)
+
+
+def rates_at_threshold(neg: np.ndarray, pos: np.ndarray, threshold: float = 0.5) -> dict[str, float | None]:
+    """Selection rate, true-positive rate and false-positive rate when scores at or above
+    ``threshold`` are predicted positive (bins are whole: the threshold is rounded down
+    to a bin edge). Undefined rates are None.
+
+    Examples
+    --------
+    >>> rates_at_threshold(np.array([3, 1]), np.array([1, 3]))
+    {'selection_rate': 0.5, 'tpr': 0.75, 'fpr': 0.25}
+    """
+    neg = np.asarray(neg, dtype=np.float64)
+    pos = np.asarray(pos, dtype=np.float64)
+    cut = min(int(threshold * len(neg)), len(neg))
+    tp, fp = float(pos[cut:].sum()), float(neg[cut:].sum())
+    n_pos, n_neg = float(pos.sum()), float(neg.sum())
+    n = n_pos + n_neg
+    return {
+        "selection_rate": (tp + fp) / n if n else None,
+        "tpr": tp / n_pos if n_pos else None,
+        "fpr": fp / n_neg if n_neg else None,
+    }
+
+
+def fairness_from_groups(groups: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float = 0.5) -> dict[str, object]:
+    """Per-group AUC and rates from pooled per-group histograms, and the largest gaps
+    between groups (AUC gap, demographic-parity gap, equal-opportunity (TPR) gap)."""
+    per: dict[str, dict[str, float | int | None]] = {}
+    for g, (neg, pos) in sorted(groups.items()):
+        auc = auc_from_histograms(neg, pos)
+        per[g] = {
+            "n": int(np.sum(neg) + np.sum(pos)),
+            "auc": None if np.isnan(auc) else auc,
+            **rates_at_threshold(neg, pos, threshold),
+        }
+
+    def gap(key: str) -> float | None:
+        vals = [float(v[key]) for v in per.values() if v[key] is not None]  # type: ignore[arg-type]
+        return max(vals) - min(vals) if len(vals) >= 2 else None
+
+    return {
+        "threshold": threshold,
+        "groups": per,
+        "auc_gap": gap("auc"),
+        "demographic_parity_gap": gap("selection_rate"),
+        "equal_opportunity_gap": gap("tpr"),
+    }

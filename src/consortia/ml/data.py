@@ -10,6 +10,7 @@ into a :class:`~consortia.protocol.PreprocessingPlan`.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +21,7 @@ import pandas as pd
 from consortia.errors import SchemaMismatchError, ValidationError
 from consortia.protocol.schemas import (
     CategoricalStats,
+    DataFingerprint,
     JobSpec,
     NumericStats,
     PreprocessingPlan,
@@ -29,6 +31,7 @@ from consortia.protocol.schemas import (
 __all__ = [
     "MISSING",
     "check_schema",
+    "fingerprint",
     "labels",
     "load_table",
     "merge_profiles",
@@ -108,10 +111,11 @@ def _categorical_values(series: pd.Series) -> pd.Series:
     return series.astype("string").fillna(MISSING)
 
 
-def profile(df: pd.DataFrame, spec: JobSpec) -> ProfileResult:
-    """Sums and category counts for the agreement; categories under the job's minimum
-    count are suppressed (only their total is reported)."""
-    min_count = spec.preprocessing.min_category_count
+def profile(df: pd.DataFrame, spec: JobSpec, min_count: int = 1) -> ProfileResult:
+    """Sums and category counts for the agreement; categories under the larger of the
+    job's and the site's (``min_count``) minimum count are suppressed (only their total
+    is reported)."""
+    min_count = max(spec.preprocessing.min_category_count, min_count)
     numeric: dict[str, NumericStats] = {}
     categorical: dict[str, CategoricalStats] = {}
     for f in spec.features:
@@ -177,3 +181,16 @@ def transform(df: pd.DataFrame, plan: PreprocessingPlan) -> np.ndarray:
     if not cols:
         return np.zeros((len(df), 0), np.float32)
     return np.hstack(cols).astype(np.float32)
+
+
+def fingerprint(df: pd.DataFrame, spec: JobSpec) -> DataFingerprint:
+    """Schema hash, row count and content hash of the job's columns in ``df``, computed
+    at the site; only these hashes and the count leave it."""
+    cols = [f.name for f in spec.features] + [spec.label.column]
+    schema = json.dumps([[c, str(df[c].dtype)] for c in cols], separators=(",", ":")).encode()
+    rows = pd.util.hash_pandas_object(df[cols], index=False).to_numpy()
+    return DataFingerprint(
+        schema_hash=hashlib.sha256(schema).hexdigest(),
+        row_count=len(df),
+        content_hash=hashlib.sha256(rows.tobytes()).hexdigest(),
+    )

@@ -14,14 +14,17 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "CardSpec",
     "CategoricalStats",
     "CredentialCreate",
     "CredentialPublic",
+    "DataFingerprint",
     "EnrollRequest",
     "EnrollResponse",
     "EnrollmentTokenPublic",
     "EvaluationResult",
     "FeatureSpec",
+    "GroupEvaluation",
     "JobEventPublic",
     "JobPublic",
     "JobSpec",
@@ -105,10 +108,22 @@ class PreprocessingSpec(_Strict):
     min_category_count: int = Field(default=5, ge=1, description="suppress rarer categories")
 
 
+class CardSpec(_Strict):
+    """What the model card states beyond the numbers."""
+
+    intended_use: str = Field(default="", max_length=4000)
+    limitations: list[str] = Field(default_factory=list)
+    sensitive_attribute: str | None = Field(
+        default=None, min_length=1, description="column for per-group fairness aggregates (computed at each site)"
+    )
+
+
 class JobSpec(_Strict):
     """A federated training job, as written in ``SPEC.yaml``."""
 
     name: Name
+    model: Name | None = Field(default=None, description="registered model name (default: the job name)")
+    card: CardSpec = CardSpec()
     recipe: RecipeSpec
     features: list[FeatureSpec] = Field(min_length=1)
     label: LabelSpec
@@ -141,7 +156,13 @@ class JobSpec(_Strict):
             raise ValueError(f"features: duplicate column(s) {dupes}")
         if self.label.column in names:
             raise ValueError(f"label.column {self.label.column!r} is also listed as a feature")
+        if self.card.sensitive_attribute == self.label.column:
+            raise ValueError("card.sensitive_attribute cannot be the label column")
         return self
+
+    @property
+    def registered_model(self) -> str:
+        return self.model or self.name
 
 
 # ----------------------------------------------------------------------------- preprocessing
@@ -179,8 +200,18 @@ class PreprocessingPlan(_Strict):
         return sum(1 if n in self.numeric else len(self.categorical[n]) for n in self.feature_order)
 
 
+class GroupEvaluation(_Strict):
+    """Score histograms of one group of the sensitive attribute at one site (only groups
+    with at least the site's minimum count are shared)."""
+
+    n: int = Field(ge=0)
+    neg_hist: list[int]
+    pos_hist: list[int]
+
+
 class EvaluationResult(_Strict):
-    """A site's evaluation of a global model on its own held-out split."""
+    """A site's evaluation of a global model on its own held-out split. Empty histograms
+    mean the site's policy does not share them."""
 
     n: int = Field(ge=0)
     loss: float
@@ -188,6 +219,8 @@ class EvaluationResult(_Strict):
     auc: float | None = None
     neg_hist: list[int]
     pos_hist: list[int]
+    groups: dict[str, GroupEvaluation] | None = None
+    suppressed_groups: int = Field(default=0, ge=0)
 
     @field_validator("loss")
     @classmethod
@@ -197,11 +230,20 @@ class EvaluationResult(_Strict):
         return v
 
 
+class DataFingerprint(_Strict):
+    """What identifies the data a site used, computed at the site: hashes and a count."""
+
+    schema_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+    row_count: int = Field(ge=0)
+    content_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
 class TaskResultPublic(_Strict):
     """JSON result of a profile or evaluate task."""
 
     profile: ProfileResult | None = None
     evaluation: EvaluationResult | None = None
+    fingerprint: DataFingerprint | None = None
 
 
 class RefusalRequest(_Strict):

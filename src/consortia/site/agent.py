@@ -16,6 +16,7 @@ from consortia.errors import AuthError, ConflictError, ConsortiaError, Coordinat
 from consortia.ml.data import load_table
 from consortia.protocol.schemas import TaskPublic
 from consortia.site.client import CoordinatorClient
+from consortia.site.policy import SitePolicy
 from consortia.site.tasks import SiteContext, dispatch
 
 __all__ = ["SiteAgent", "load_or_enroll"]
@@ -64,9 +65,12 @@ class SiteAgent:
         *,
         poll_seconds: float = 20.0,
         max_backoff: float = 15.0,
+        policy: SitePolicy | None = None,
     ) -> None:
         self.client = CoordinatorClient(coordinator, credential)
-        self.ctx = SiteContext(name=name, home=Path(home), client=self.client, frame=load_table(data))
+        self.ctx = SiteContext(
+            name=name, home=Path(home), client=self.client, frame=load_table(data), policy=policy or SitePolicy()
+        )
         self.poll_seconds = poll_seconds
         self.max_backoff = max_backoff
         self.stop = threading.Event()

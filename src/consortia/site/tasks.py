@@ -20,11 +20,12 @@ import pandas as pd
 
 from consortia.errors import SchemaMismatchError, SpecError
 from consortia.ml import recipes
-from consortia.ml.data import check_schema, labels, profile, split_indices, transform
+from consortia.ml.data import check_schema, fingerprint, labels, profile, split_indices, transform
 from consortia.ml.evaluate import evaluate_scores
-from consortia.protocol.schemas import JobSpec, PreprocessingPlan, TaskPublic, TaskResultPublic
+from consortia.protocol.schemas import EvaluationResult, JobSpec, PreprocessingPlan, TaskPublic, TaskResultPublic
 from consortia.protocol.tensors import decode, encode
 from consortia.site.client import CoordinatorClient
+from consortia.site.policy import PolicyRefusal, SitePolicy, check_task
 
 __all__ = ["HANDLERS", "Prepared", "SiteContext", "dispatch", "prepare", "register", "task_seed"]
 
@@ -64,6 +65,7 @@ class SiteContext:
     home: Path
     client: CoordinatorClient
     frame: pd.DataFrame
+    policy: SitePolicy = field(default_factory=SitePolicy)
     _prepared: dict[str, Prepared] = field(default_factory=dict)
 
     def prepared(self, spec: JobSpec) -> Prepared:
@@ -113,8 +115,9 @@ def _plan(task: TaskPublic) -> PreprocessingPlan:
 def handle_profile(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     spec = _spec(task)
     p = ctx.prepared(spec)
-    result = profile(p.frame.iloc[p.train], spec)
-    return ctx.client.submit_result(task.id, TaskResultPublic(profile=result))
+    rows = p.frame.iloc[p.train]
+    result = profile(rows, spec, ctx.policy.min_count)
+    return ctx.client.submit_result(task.id, TaskResultPublic(profile=result, fingerprint=fingerprint(rows, spec)))
 
 
 def _scores(spec: JobSpec, params: dict[str, np.ndarray], X: np.ndarray) -> np.ndarray:
@@ -128,7 +131,7 @@ def handle_train(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     assert task.global_hash is not None
     params = ctx.global_params(task.global_hash)
     X = transform(p.frame, plan)
-    evaluation = evaluate_scores(_scores(spec, params, X[p.val]), p.y[p.val])
+    evaluation = _evaluate(ctx, spec, p, params, X[p.val], p.val, with_groups=False)
     mu = float(spec.strategy.options.get("proximal_mu", 0.01)) if spec.strategy.name == "fedprox" else 0.0
     result = recipes.train(
         spec.recipe.name,
@@ -142,14 +145,14 @@ def handle_train(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
         seed=task_seed(spec, task.round, ctx.name),
         proximal_mu=mu,
     )
-    body = encode(
-        result.params,
-        {
-            "num_examples": str(result.num_examples),
-            "train_loss": repr(result.loss),
-            "evaluation": evaluation.model_dump_json(),
-        },
-    )
+    meta = {
+        "num_examples": str(result.num_examples),
+        "evaluation": evaluation.model_dump_json(),
+        "fingerprint": fingerprint(p.frame.iloc[p.train], spec).model_dump_json(),
+    }
+    if ctx.policy.shares("train_loss"):
+        meta["train_loss"] = repr(result.loss)
+    body = encode(result.params, meta)
     return ctx.client.submit_update(task.id, body)
 
 
@@ -159,18 +162,53 @@ def handle_evaluate(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     p = ctx.prepared(spec)
     assert task.global_hash is not None
     params = ctx.global_params(task.global_hash)
-    X = transform(p.frame.iloc[p.test], plan)
-    evaluation = evaluate_scores(_scores(spec, params, X), p.y[p.test])
-    return ctx.client.submit_result(task.id, TaskResultPublic(evaluation=evaluation))
+    rows = p.frame.iloc[p.test]
+    evaluation = _evaluate(ctx, spec, p, params, transform(rows, plan), p.test, with_groups=True)
+    return ctx.client.submit_result(
+        task.id, TaskResultPublic(evaluation=evaluation, fingerprint=fingerprint(rows, spec))
+    )
+
+
+def _evaluate(
+    ctx: SiteContext,
+    spec: JobSpec,
+    p: Prepared,
+    params: dict[str, np.ndarray],
+    X: np.ndarray,
+    idx: np.ndarray,
+    *,
+    with_groups: bool,
+) -> EvaluationResult:
+    """Evaluate on rows ``idx`` as the site policy allows (min count, shared metrics)."""
+    attr = spec.card.sensitive_attribute
+    groups = p.frame[attr].to_numpy()[idx] if with_groups and attr and attr in p.frame.columns else None
+    return evaluate_scores(
+        _scores(spec, params, X), p.y[idx], groups, min_count=ctx.policy.min_count, share=ctx.policy.share_metrics
+    )
 
 
 def dispatch(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     """Run ``task`` with its handler; refuse it (with the rule) when the site cannot or
-    will not do it: unknown kind, data that does not match the schema, no usable rows."""
+    will not do it: unknown kind, the site policy or its identifier scan says no, data
+    that does not match the schema, too few rows."""
     handler = HANDLERS.get(task.kind)
     if handler is None:
         return ctx.client.refuse(task.id, f"this site does not know task kind {task.kind!r}", "task_kind")
     try:
+        if "spec" in task.payload:
+            spec = _spec(task)
+            refusal = check_task(ctx.policy, task.kind, spec, ctx.frame)
+            if refusal is None and task.kind in ("profile", "train"):
+                n_train = len(ctx.prepared(spec).train)
+                if n_train < ctx.policy.min_count:
+                    refusal = PolicyRefusal(
+                        "policy.min_count",
+                        f"only {n_train} training row(s) here; this site shares nothing computed over fewer "
+                        f"than {ctx.policy.min_count}.",
+                    )
+            if refusal is not None:
+                log.warning("refusing task %s by %s: %s", task.id, refusal.rule, refusal.reason)
+                return ctx.client.refuse(task.id, refusal.reason, refusal.rule)
         return handler(ctx, task)
     except (SchemaMismatchError, SpecError) as exc:
         log.warning("refusing task %s: %s", task.id, exc.message)

@@ -28,7 +28,7 @@ import numpy as np
 
 from consortia.coordinator.faults import crash_point
 from consortia.core.aggregate import WeightedSum
-from consortia.core.metrics import SCORE_BINS, auc_from_histograms
+from consortia.core.metrics import SCORE_BINS, auc_from_histograms, fairness_from_groups
 from consortia.core.params import Params, check_compatible
 from consortia.core.strategies import make_strategy
 from consortia.errors import (
@@ -443,13 +443,22 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         log.error("closing a round failed", exc_info=exc)
 
 
+def _check_pair(neg: list[int], pos: list[int], n: int, what: str) -> None:
+    if len(neg) != SCORE_BINS or len(pos) != SCORE_BINS:
+        raise ValidationError(f"{what}: score histograms must have {SCORE_BINS} bins each (or both be empty).")
+    if any(c < 0 for c in neg) or any(c < 0 for c in pos):
+        raise ValidationError(f"{what}: score histogram counts must be >= 0.")
+    if sum(neg) + sum(pos) != n:
+        raise ValidationError(f"{what}: score histogram counts must add up to n.")
+
+
 def _check_histograms(ev: EvaluationResult) -> None:
-    if len(ev.neg_hist) != SCORE_BINS or len(ev.pos_hist) != SCORE_BINS:
-        raise ValidationError(f"score histograms must have {SCORE_BINS} bins each.")
-    if any(c < 0 for c in ev.neg_hist) or any(c < 0 for c in ev.pos_hist):
-        raise ValidationError("score histogram counts must be >= 0.")
-    if sum(ev.neg_hist) + sum(ev.pos_hist) != ev.n:
-        raise ValidationError("score histogram counts must add up to n.")
+    if ev.neg_hist or ev.pos_hist:  # both empty: the site's policy does not share them
+        _check_pair(ev.neg_hist, ev.pos_hist, ev.n, "evaluation")
+    for g, ge in (ev.groups or {}).items():
+        _check_pair(ge.neg_hist, ge.pos_hist, ge.n, f"group {g!r}")
+        if ge.n > ev.n:
+            raise ValidationError(f"group {g!r} has n == {ge.n}, more than the evaluation's n == {ev.n}.")
 
 
 def _update_metadata(meta: dict[str, str]) -> tuple[int, dict[str, Any]]:
@@ -482,27 +491,37 @@ def _update_metadata(meta: dict[str, str]) -> tuple[int, dict[str, Any]]:
 
 
 def _pool(evals: dict[str, EvaluationResult]) -> dict[str, Any]:
-    """Per-site metrics and a pooled AUC from summed score histograms."""
+    """Per-site metrics, a pooled AUC from summed score histograms (sites that share
+    them) and, when sites sent per-group histograms, pooled fairness metrics."""
     neg = np.zeros(SCORE_BINS, np.int64)
     pos = np.zeros(SCORE_BINS, np.int64)
+    groups: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     per_site: dict[str, Any] = {}
     n = 0
     loss = acc = 0.0
     for site, ev in sorted(evals.items()):
-        neg += np.asarray(ev.neg_hist, np.int64)
-        pos += np.asarray(ev.pos_hist, np.int64)
+        if ev.neg_hist:
+            neg += np.asarray(ev.neg_hist, np.int64)
+            pos += np.asarray(ev.pos_hist, np.int64)
+        for g, ge in (ev.groups or {}).items():
+            gn, gp = groups.setdefault(g, (np.zeros(SCORE_BINS, np.int64), np.zeros(SCORE_BINS, np.int64)))
+            gn += np.asarray(ge.neg_hist, np.int64)
+            gp += np.asarray(ge.pos_hist, np.int64)
         per_site[site] = {"auc": ev.auc, "accuracy": ev.accuracy, "loss": ev.loss, "n": ev.n}
         n += ev.n
         loss += ev.loss * ev.n
         acc += ev.accuracy * ev.n
     pooled = auc_from_histograms(neg, pos)
-    return {
+    out: dict[str, Any] = {
         "pooled_auc": None if np.isnan(pooled) else float(pooled),
         "pooled_accuracy": acc / n if n else None,
         "pooled_loss": loss / n if n else None,
         "n": n,
         "per_site": per_site,
     }
+    if groups:
+        out["fairness"] = fairness_from_groups(groups)
+    return out
 
 
 def _round_metrics(updates: list[Any]) -> dict[str, Any]:
