@@ -7,9 +7,9 @@ import copy
 
 import pytest
 
+from conftest import SPEC, synthetic_frame
 from consortia.errors import ValidationError
 from consortia.site.policy import SitePolicy, load_policy
-from conftest import SPEC, synthetic_frame
 
 
 def run_with_policies(coord, tmp_path, policies: dict[str, SitePolicy], spec=SPEC, frames=None):
