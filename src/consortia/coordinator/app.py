@@ -17,8 +17,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from consortia import __version__
-from consortia.coordinator.api import jobs, tasks, tenants
+from consortia.coordinator.api import jobs, registry, tasks, tenants
 from consortia.coordinator.keys import CoordinatorKeys
+from consortia.coordinator.services.governance import GovernanceService
 from consortia.coordinator.services.rounds import RoundService
 from consortia.coordinator.services.tenants import TenantService
 from consortia.coordinator.settings import Settings
@@ -55,26 +56,29 @@ def create_app(settings: Settings) -> FastAPI:
     blobs = BlobStore(settings.blob_dir)
     tenant_service = TenantService(store, settings)
     rounds = RoundService(store, blobs, max_poll_seconds=settings.max_poll_seconds)
+    governance = GovernanceService(store, blobs, keys, settings.release_dir)
+    rounds.on_registered = governance.ensure_release
     token = tenant_service.ensure_admin()
     if token is not None:
         write_admin_credential(settings.admin_credential_path, token)
         log.warning("admin credential written to %s (mode 0600)", settings.admin_credential_path)
 
-    registry = CollectorRegistry()
+    metrics_registry = CollectorRegistry()
     requests_total = Counter(
-        "consortia_http_requests", "HTTP requests", ["method", "route", "status"], registry=registry
+        "consortia_http_requests", "HTTP requests", ["method", "route", "status"], registry=metrics_registry
     )
     latency = Histogram(
         "consortia_http_request_duration_seconds",
         "HTTP request latency (long polls included)",
         ["method", "route"],
-        registry=registry,
+        registry=metrics_registry,
         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
     )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         rounds.recover(settings.restart_grace_fraction)
+        governance.recover()
 
         async def ticker() -> None:
             while True:
@@ -107,6 +111,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.rounds = rounds
     app.state.tenants = tenant_service
     app.state.keys = keys
+    app.state.governance = governance
 
     @app.exception_handler(ConsortiaError)
     async def _consortia_error(request: Request, exc: ConsortiaError) -> JSONResponse:
@@ -145,9 +150,10 @@ def create_app(settings: Settings) -> FastAPI:
     @app.get("/metrics", tags=["ops"])
     def metrics() -> Response:
         """Prometheus metrics of the coordinator process (no tenant data)."""
-        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+        return Response(generate_latest(metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
     app.include_router(tenants.router)
     app.include_router(tasks.router)
     app.include_router(jobs.router)
+    app.include_router(registry.router)
     return app

@@ -16,7 +16,7 @@ from consortia.store.entities import Principal, utcnow
 
 __all__ = ["ROLES", "authorize", "check_tenant", "hash_token", "new_token"]
 
-ROLES = ("admin", "operator", "approver", "auditor", "site")
+ROLES = ("admin", "operator", "approver", "auditor", "promoter", "site")
 
 
 def new_token(kind: str) -> str:
@@ -28,15 +28,16 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def authorize(principal: Principal | None, roles: Iterable[str]) -> Principal:
-    """Raise unless ``principal`` is valid and holds one of ``roles`` (admin always may)."""
+def authorize(principal: Principal | None, roles: Iterable[str], admin: bool = True) -> Principal:
+    """Raise unless ``principal`` is valid and holds one of ``roles`` (admin may too,
+    unless ``admin`` is False: separated duties such as promotion)."""
     if principal is None:
         raise AuthError("missing or unknown credential: send 'Authorization: Bearer <token>'.")
     if principal.revoked:
         raise AuthError("this credential was revoked; ask the consortium admin for a new one.")
     if principal.expires_at < utcnow():
         raise AuthError("this credential has expired; ask the consortium admin for a new one.")
-    allowed = set(roles) | {"admin"}
+    allowed = set(roles) | ({"admin"} if admin else set())
     if principal.role not in allowed:
         raise PermissionDeniedError(f"role {principal.role!r} may not do this; it needs one of {sorted(allowed)}.")
     return principal

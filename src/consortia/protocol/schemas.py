@@ -291,7 +291,7 @@ class EnrollResponse(BaseModel):
 
 
 class CredentialCreate(_Strict):
-    role: Literal["admin", "operator", "approver", "auditor"]
+    role: Literal["admin", "operator", "approver", "auditor", "promoter"]
     tenant: str | None = None
     name: Name
     ttl_days: float = Field(default=365.0, gt=0, le=3650)

@@ -25,11 +25,12 @@ def _principal(request: Request) -> Principal | None:
     return request.app.state.store.principal(hash_token(token.strip()))
 
 
-def principal_with(*roles: str):  # type: ignore[no-untyped-def]
-    """A dependency that authenticates the caller and requires one of ``roles``."""
+def principal_with(*roles: str, admin: bool = True):  # type: ignore[no-untyped-def]
+    """A dependency that authenticates the caller and requires one of ``roles`` (or
+    admin, unless ``admin`` is False)."""
 
     def dep(request: Request) -> Principal:
-        return authorize(_principal(request), roles)
+        return authorize(_principal(request), roles, admin)
 
     return Depends(dep)
 

@@ -16,17 +16,20 @@ the new global model's hash and the next round are committed in one transaction.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
 import math
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 import numpy as np
 
 from consortia.coordinator.faults import crash_point
+from consortia.coordinator.services.lineage import build_lineage
 from consortia.core.aggregate import WeightedSum
 from consortia.core.metrics import SCORE_BINS, auc_from_histograms, fairness_from_groups
 from consortia.core.params import Params, check_compatible
@@ -42,6 +45,7 @@ from consortia.errors import (
 from consortia.ml.data import merge_profiles
 from consortia.ml.recipes import init_params, validate_recipe
 from consortia.protocol.schemas import (
+    DataFingerprint,
     EvaluationResult,
     JobSpec,
     ProfileResult,
@@ -51,7 +55,7 @@ from consortia.protocol.schemas import (
 )
 from consortia.protocol.tensors import decode, encode
 from consortia.store.blobs import BlobStore
-from consortia.store.entities import Job, Principal, Round, Site, Task, utcnow
+from consortia.store.entities import Job, ModelVersion, Principal, Round, Site, Task, utcnow
 from consortia.store.sqlstore import SqlStore
 
 __all__ = ["RoundService", "SiteNotifier", "parse_spec"]
@@ -112,6 +116,7 @@ class RoundService:
         self._locks: dict[int, asyncio.Lock] = {}
         self._cache: OrderedDict[str, Params] = OrderedDict()
         self._last_touch: dict[int, float] = {}
+        self.on_registered: Callable[[ModelVersion], Any] | None = None  # e.g. sign the release
 
     # ------------------------------------------------------------------ helpers
 
@@ -425,14 +430,28 @@ class RoundService:
         done = [t for t in rnd.tasks if t.state == "completed" and t.result]
         evals = {t.site: EvaluationResult.model_validate(t.result["evaluation"]) for t in done}  # type: ignore[index]
         metrics = _pool(evals)
-        self.store.finish_job(
+        assert rnd.global_in is not None
+        rounds = [r if r.id != rnd.id else _closed(r) for r in self.store.job_rounds(job.id)]
+        updates = {r.id: self.store.round_updates(r.id) for r in rounds if r.kind == "train" and r.state == "closed"}
+        lineage = build_lineage(
+            job, rounds, updates, self.store.list_sites(), self.store.list_tenants(), metrics, rnd.global_in
+        )
+        version = self.store.finish_job(
             job.id,
             state="completed",
             reason=None,
             close=rnd,
             close_fields={"metrics": metrics},
             job_fields={"final_metrics": metrics, "global_hash": rnd.global_in},
+            register={"model": spec.registered_model, "params_hash": rnd.global_in, "lineage": lineage},
         )
+        if version is not None and self.on_registered is not None:
+            self.on_registered(version)
+
+
+def _closed(rnd: Round) -> Round:
+    """``rnd`` as it will be once closed in the registering transaction."""
+    return dataclasses.replace(rnd, state="closed", closed_at=utcnow())
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:
@@ -487,6 +506,12 @@ def _update_metadata(meta: dict[str, str]) -> tuple[int, dict[str, Any]]:
         except ValidationError as exc:
             raise UpdateError(exc.message) from exc
         metrics["evaluation"] = ev.model_dump(mode="json")
+    if "fingerprint" in meta:
+        try:
+            fp = DataFingerprint.model_validate_json(meta["fingerprint"])
+        except Exception as exc:
+            raise UpdateError(f"update metadata 'fingerprint' is invalid: {exc}") from exc
+        metrics["fingerprint"] = fp.model_dump(mode="json")
     return n, metrics
 
 
