@@ -177,10 +177,13 @@ def run_demo(
             f"coordinator up at {fed.url} (OpenAPI {fed.url}/docs); admin credential in "
             f"{fed.coord_home / 'admin.token'}"
         )
+        from consortia.datasets.scenarios import POLICY_DIR
+
         with fed.client() as c:
             for site, path in paths.items():
-                out = c.post_json("/v1/tenants", {"name": site, "regulated": scenario == "healthcare"})
-                fed.start_site(site, path, out["enrollment"]["token"])
+                # Banks and hospitals are all regulated institutions.
+                out = c.post_json("/v1/tenants", {"name": site, "regulated": True})
+                fed.start_site(site, path, out["enrollment"]["token"], policy=POLICY_DIR / "site-policy.yaml")
             fed.wait_sites(len(paths))
             (workdir / "job.yaml").write_text(json.dumps(sc.spec, indent=2))
             job = c.post_json("/v1/jobs", sc.spec)
@@ -189,8 +192,9 @@ def run_demo(
                 f"with {sc.spec['recipe']['name']}"
             )
             job = watch_job(c, job["id"], console)
-        if job["state"] != "completed":
-            raise ConsortiaError(f"job {job['id']} {job['state']}: {job['reason']}")
+            if job["state"] != "completed":
+                raise ConsortiaError(f"job {job['id']} {job['state']}: {job['reason']}")
+            registry = govern(fed, c, job, sc.promotion_policy, workdir, console)
         console.print("computing baselines (harness-side, outside the coordinator) ...")
         base = centralized_and_local(sc.spec, sc.partitions)
         fm = job["final_metrics"]
@@ -208,6 +212,7 @@ def run_demo(
             "centralized": base["centralized"],
             "local_only": base["local_only"],
             "job_id": job["id"],
+            "registry": registry,
             "wall_seconds": round(time.monotonic() - started, 2),
         }
         _print_table(console, result)
@@ -225,6 +230,71 @@ def run_demo(
         return result
     finally:
         fed.stop()
+
+
+def govern(
+    fed: Federation, admin: Any, job: dict[str, Any], policy: Path, workdir: Path, console: Console
+) -> dict[str, Any]:
+    """The governance epilogue: the registered version and its card, the shipped policy,
+    promotion to staging, signed approvals by every regulated tenant's approver (each
+    with its own key, created here on the approver's side), promotion to production, and
+    local verification of the release signature and of the audit log."""
+    from rich.markdown import Markdown
+
+    from consortia.cli.governance import print_promotion, read_yaml
+    from consortia.governance import keygen, sign_approval, verify_audit
+    from consortia.site.client import CoordinatorClient
+
+    model = job["spec"].get("model") or job["spec"]["name"]
+    version = next(v for v in admin.get_json(f"/v1/registry/models/{model}") if v["job_id"] == job["id"])
+    ref = f"{model}:{version['version']}"
+    console.rule(f"registered {ref} (params {version['params_hash'][:16]}, release {version['release_digest'][:16]})")
+    card = admin.request(
+        "GET", f"/v1/registry/models/{model}/versions/{version['version']}/card", params={"format": "md"}
+    ).text
+    console.print(Markdown(card))
+    applied = admin.post_json("/v1/policies", read_yaml(policy))
+    console.print(f"applied promotion policy {policy.name} (revision {applied['revision']})")
+    promoter_token = admin.post_json("/v1/credentials", {"name": "demo-promoter", "role": "promoter"})["token"]
+    promote_path = f"/v1/registry/models/{model}/versions/{version['version']}/promote"
+    approvals: list[str] = []
+    with CoordinatorClient(fed.url, promoter_token) as promoter:
+        out = promoter.post_json(promote_path, {"to": "staging"})
+        print_promotion(out)
+        if out["promoted"]:
+            out = promoter.post_json(promote_path, {"to": "production", "dry_run": True})
+            print_promotion(out)
+            regulated = [t["name"] for t in admin.get_json("/v1/tenants") if t["regulated"]]
+            for tenant in [t for t in regulated if t in version["tenants"]]:
+                token = admin.post_json(
+                    "/v1/credentials", {"name": f"approver-{tenant}", "role": "approver", "tenant": tenant}
+                )["token"]
+                with CoordinatorClient(fed.url, token) as approver:
+                    key, public = keygen(workdir / "approvers" / f"{tenant}.pem")
+                    approver.post_json(f"/v1/tenants/{tenant}/approver-keys", {"public_key": public})
+                    req = sign_approval(approver, key, model, version["version"], "production")
+                    approver.post_json(
+                        f"/v1/registry/models/{model}/versions/{version['version']}/approvals", req.model_dump()
+                    )
+                approvals.append(tenant)
+            console.print(f"signed approvals for production from: {', '.join(approvals)}")
+            out = promoter.post_json(promote_path, {"to": "production"})
+            print_promotion(out)
+    final = admin.get_json(f"/v1/registry/models/{model}/versions/{version['version']}")
+    verdict = verify_audit(admin)
+    console.print(
+        f"audit log: {verdict.size} entries, {'verified' if verdict.ok else 'FAILED: ' + str(verdict.reason)}"
+        f", root {verdict.root}"
+    )
+    return {
+        "model": model,
+        "version": version["version"],
+        "stage": final["stage"],
+        "signed": final["signed"],
+        "release_digest": final["release_digest"],
+        "approvals": sorted({a["tenant"] for a in final["approvals"] if a["decision"] == "approve"}),
+        "audit_verified": verdict.ok,
+    }
 
 
 def _f(x: Any) -> str:

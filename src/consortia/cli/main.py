@@ -16,6 +16,9 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from consortia.cli.common import DEFAULT_URL, CoordinatorOpt, HomeOpt, TokenOpt, console, err
+from consortia.cli.common import client as _client
+from consortia.cli.governance import approver_app, audit_app, policy_app, registry_app
 from consortia.errors import ConsortiaError
 
 app = typer.Typer(
@@ -31,32 +34,10 @@ app.add_typer(tenant_app, name="tenant")
 app.add_typer(site_app, name="site")
 app.add_typer(job_app, name="job")
 app.add_typer(credential_app, name="credential")
-
-console = Console()
-err = Console(stderr=True)
-
-CoordinatorOpt = Annotated[str, typer.Option("--coordinator", envvar="CONSORTIA_COORDINATOR", help="coordinator URL")]
-TokenOpt = Annotated[
-    str | None, typer.Option("--token", envvar="CONSORTIA_TOKEN", help="bearer credential (default: HOME/admin.token)")
-]
-HomeOpt = Annotated[
-    Path | None, typer.Option("--home", envvar="CONSORTIA_HOME", help="coordinator home to read admin.token from")
-]
-DEFAULT_URL = "http://127.0.0.1:8700"
-
-
-def _client(coordinator: str, token: str | None, home: Path | None):  # type: ignore[no-untyped-def]
-    from consortia.site.client import CoordinatorClient
-
-    if token is None and home is not None:
-        path = home / "admin.token"
-        if not path.exists():
-            raise ConsortiaError(f"no credential: {path} does not exist; pass --token.")
-        token = path.read_text().strip()
-    if token is None:
-        raise ConsortiaError("no credential: pass --token, set CONSORTIA_TOKEN or --home.")
-    return CoordinatorClient(coordinator, token)
-
+app.add_typer(registry_app, name="registry")
+app.add_typer(policy_app, name="policy")
+app.add_typer(approver_app, name="approver")
+app.add_typer(audit_app, name="audit")
 
 # ---------------------------------------------------------------------------- coordinator
 
@@ -136,7 +117,7 @@ def tenant_enroll_token(
 @credential_app.command("create")
 def credential_create(
     name: str,
-    role: Annotated[str, typer.Option(help="operator, approver, auditor or admin")],
+    role: Annotated[str, typer.Option(help="operator, approver, auditor, promoter or admin")],
     tenant: Annotated[str | None, typer.Option(help="scope to one tenant")] = None,
     coordinator: CoordinatorOpt = DEFAULT_URL,
     token: TokenOpt = None,

@@ -28,7 +28,9 @@ import pandas as pd
 
 from consortia.errors import ValidationError
 
-__all__ = ["SCENARIOS", "Scenario", "load_scenario", "write_partitions"]
+__all__ = ["POLICY_DIR", "SCENARIOS", "Scenario", "load_scenario", "write_partitions"]
+
+POLICY_DIR = Path(__file__).parent / "policies"
 
 REGIONS: dict[str, set[str]] = {
     "west": {"WA", "OR", "CA", "NV", "ID", "MT", "WY", "UT", "CO", "AZ", "NM", "AK", "HI"},
@@ -45,6 +47,11 @@ class Scenario:
     name: str
     partitions: dict[str, pd.DataFrame]
     spec: dict[str, Any]
+
+    @property
+    def promotion_policy(self) -> Path:
+        """The shipped example promotion policy for the scenario's model."""
+        return POLICY_DIR / f"{self.spec['name']}.yaml"
 
 
 def _rdata(package: str, item: str) -> pd.DataFrame:
@@ -67,6 +74,14 @@ def _finance(n_sites: int | None, rounds: int | None, seed: int) -> Scenario:
     numeric = [c for c in df.columns if c not in categorical + ["addr_state", "Class"]]
     spec = {
         "name": "credit-risk",
+        "card": {
+            "intended_use": "Rank consumer loan applications by risk of going bad, as one input to a credit "
+            "officer's decision; not for automated denial.",
+            "limitations": [
+                "lending_club covers one US lender's funded loans only: no rejected applicants (selection bias).",
+                "about 5% of loans are bad: per-bank test splits hold few positives, so per-bank AUC is noisy.",
+            ],
+        },
         "recipe": {"name": "logistic_regression"},
         "features": [{"name": c, "type": "numeric"} for c in numeric]
         + [{"name": c, "type": "categorical", "vocabulary": "agreed"} for c in categorical],
@@ -97,6 +112,14 @@ def _healthcare(n_sites: int | None, rounds: int | None, seed: int) -> Scenario:
     parts = {_slug(c): df[df["clinic_name"] == c].reset_index(drop=True) for c in clinics}
     spec = {
         "name": "covid-triage",
+        "card": {
+            "intended_use": "Prioritise COVID-19 PCR tests for review in a hospital laboratory; research use.",
+            "limitations": [
+                "covid_testing (CHOP, 2020) carries weak signal in the allowed features: expect AUC near 0.6.",
+                "patient identifiers are excluded by every site's identifier scan and never used.",
+            ],
+            "sensitive_attribute": "gender",
+        },
         "recipe": {"name": "logistic_regression"},
         "features": [
             {"name": "age", "type": "numeric"},

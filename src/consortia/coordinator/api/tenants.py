@@ -62,3 +62,9 @@ def create_credential(body: CredentialCreate, tenants: TenantsDep, who: Admin) -
 def enroll(body: EnrollRequest, tenants: TenantsDep) -> EnrollResponse:
     """Exchange a one-time enrollment token for a site credential (no bearer needed)."""
     return tenants.enroll(body.enrollment_token, body.site_name)
+
+
+@router.get("/whoami")
+def whoami(who: Annotated[Principal, principal_with("operator", "approver", "auditor", "promoter", "site")]) -> dict:
+    """The caller's credential name, role and tenant (tools use it to fill approvals)."""
+    return {"name": who.name, "role": who.role, "tenant": who.tenant, "site_id": who.site_id}
