@@ -1,94 +1,12 @@
-"""Shared fixtures: an in-process coordinator (real app, real SQLite, real blob store)
-and small real data partitions."""
+"""Shared fixtures: an in-process coordinator (real app, real SQLite, real blob store)."""
 
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass
-from pathlib import Path
-
-import numpy as np
-import pandas as pd
 import pytest
 from fastapi.testclient import TestClient
 
 from consortia.coordinator import Settings, create_app
-from consortia.site.client import CoordinatorClient
-from consortia.site.tasks import SiteContext, dispatch
-
-
-def synthetic_frame(n: int, seed: int, shift: float = 0.0) -> pd.DataFrame:
-    """A small tabular data set with a learnable label (for fast in-process tests)."""
-    rng = np.random.default_rng(seed)
-    x1 = rng.normal(shift, 1.0, n)
-    x2 = rng.normal(0.0, 2.0, n)
-    cat = rng.choice(["a", "b", "c"], n)
-    logit = 1.5 * x1 - 0.5 * x2 + (cat == "a") * 1.0
-    y = np.where(rng.random(n) < 1 / (1 + np.exp(-logit)), "yes", "no")
-    return pd.DataFrame({"x1": x1, "x2": x2, "cat": cat, "label": y})
-
-
-SPEC = {
-    "name": "test-job",
-    "recipe": {"name": "logistic_regression"},
-    "features": [
-        {"name": "x1", "type": "numeric"},
-        {"name": "x2", "type": "numeric"},
-        {"name": "cat", "type": "categorical", "vocabulary": "agreed"},
-    ],
-    "label": {"column": "label", "positive": "yes"},
-    "rounds": 2,
-    "min_sites": 2,
-    "round_deadline_seconds": 30,
-    "batch_size": 16,
-    "learning_rate": 0.1,
-}
-
-
-@dataclass
-class Coord:
-    http: TestClient
-    home: Path
-
-    @property
-    def admin_token(self) -> str:
-        return (self.home / "admin.token").read_text().strip()
-
-    def client(self, token: str | None) -> CoordinatorClient:
-        # Share the TestClient's transport, so every call runs on the app's one event loop.
-        return CoordinatorClient("http://testserver", token, transport=self.http._transport)
-
-    @property
-    def admin(self) -> CoordinatorClient:
-        return self.client(self.admin_token)
-
-    def tenant(self, name: str, regulated: bool = False) -> str:
-        return self.admin.post_json("/v1/tenants", {"name": name, "regulated": regulated})["enrollment"]["token"]
-
-    def site(self, tenant: str, name: str | None = None, frame: pd.DataFrame | None = None, tmp: Path | None = None):
-        token = self.tenant(tenant)
-        resp = self.client(None).enroll(token, name or tenant)
-        c = self.client(resp.credential)
-        ctx = SiteContext(
-            name=resp.site_name,
-            home=(tmp or self.home) / f"site-{resp.site_name}",
-            client=c,
-            frame=frame if frame is not None else synthetic_frame(300, hash(tenant) % 1000),
-        )
-        return ctx
-
-    def wait_job(self, job_id: int, sites: list[SiteContext], timeout: float = 60, states=("completed", "failed")):
-        """Drive in-process sites (real handlers) until the job finishes."""
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            job = self.admin.get_json(f"/v1/jobs/{job_id}")
-            if job["state"] in states:
-                return job
-            for ctx in sites:
-                for task in ctx.client.poll(0):
-                    dispatch(ctx, task)
-            time.sleep(0.05)
-        raise AssertionError(f"job {job_id} did not finish: {self.admin.get_json(f'/v1/jobs/{job_id}')['state']}")
+from support import Coord
 
 
 @pytest.fixture

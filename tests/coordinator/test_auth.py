@@ -3,8 +3,8 @@ for tenant B, and every refusal is a JSON error body."""
 
 import pytest
 
-from conftest import SPEC
 from consortia.protocol.tensors import encode
+from support import SPEC
 
 
 def raw(coord, method, path, token=None, **kw):

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from conftest import SPEC
 from consortia.protocol.tensors import decode
+from support import SPEC
 
 
 def test_job_runs_profile_train_evaluate_and_pools_auc(coord):

@@ -2,9 +2,9 @@
 
 import numpy as np
 
-from conftest import SPEC
 from consortia.protocol.tensors import encode
 from consortia.site.tasks import dispatch
+from support import SPEC
 
 
 def _drive_until_train(coord, sites):

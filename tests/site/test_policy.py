@@ -7,9 +7,9 @@ import copy
 
 import pytest
 
-from conftest import SPEC, synthetic_frame
 from consortia.errors import ValidationError
 from consortia.site.policy import SitePolicy, load_policy
+from support import SPEC, synthetic_frame
 
 
 def run_with_policies(coord, tmp_path, policies: dict[str, SitePolicy], spec=SPEC, frames=None):
@@ -118,3 +118,21 @@ def test_policy_file_errors_are_clear(tmp_path):
     p.write_text("allowed_recipes: [mlp]\nprivacy: {require_dp: true, max_epsilon: 2}\nmin_count: 10\n")
     pol = load_policy(p)
     assert pol.allowed_recipes == ["mlp"] and pol.privacy.max_epsilon == 2 and pol.min_count == 10
+
+
+def test_healthcare_sites_refuse_fake_first_name_as_a_feature(coord, tmp_path):
+    from consortia.datasets.scenarios import load_scenario
+
+    sc = load_scenario("healthcare", 2, rounds=1)
+    spec = copy.deepcopy(sc.spec)
+    spec["features"].append({"name": "fake_first_name", "type": "categorical", "vocabulary": "agreed"})
+    spec["max_round_retries"] = 0
+    job = run_with_policies(coord, tmp_path, {s: SitePolicy() for s in sc.partitions}, spec, sc.partitions)
+    assert job["state"] == "failed"
+    expected = (
+        "refused: compliance.direct_identifier declared feature column(s) look like direct identifiers: "
+        "fake_first_name (person_name, by column name). Remove them from the job, or list them in "
+        "allow_identifier_columns in the site policy."
+    )
+    # exactly the template: column name and detector kind, no value from the data
+    assert refusals(job) == {site: expected for site in sc.partitions}
