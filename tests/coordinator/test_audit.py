@@ -87,3 +87,26 @@ def test_a_tenant_auditor_verifies_the_whole_log_seeing_only_its_tenant(coord):
     assert {e["tenant"] for e in entries if not e.get("redacted")} <= {None, "t3"}
     verdict = verify_audit(auditor)
     assert verdict.ok and verdict.redacted > 0
+
+
+def test_editing_any_row_in_any_column_is_named(coord):
+    populate(coord, n_tenants=3)
+    size = coord.admin.get_json("/v1/audit/head")["size"]
+    columns = {
+        "actor": "'mallory'",
+        "tenant": "'t9'",
+        "action": "'tenant.deleted'",
+        "subject": "'x'",
+        "detail": "'{\"x\": 1}'",
+        "at": "'2020-01-01 00:00:00.000000'",
+    }
+    for seq in range(size):
+        column, value = list(columns.items())[seq % len(columns)]
+        with coord.http.app.state.store.engine.begin() as conn:
+            before = conn.execute(text(f"SELECT {column} FROM audit_log WHERE seq = :s"), {"s": seq}).scalar()
+            conn.execute(text(f"UPDATE audit_log SET {column} = {value} WHERE seq = :s"), {"s": seq})
+        verdict = verify_audit(coord.admin)
+        assert (verdict.ok, verdict.first_bad) == (False, seq), (seq, column, verdict)
+        with coord.http.app.state.store.engine.begin() as conn:
+            conn.execute(text(f"UPDATE audit_log SET {column} = :v WHERE seq = :s"), {"v": before, "s": seq})
+        assert verify_audit(coord.admin).ok

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 from sklearn.metrics import roc_auc_score
 
 from consortia.core.metrics import auc_from_histograms, score_histograms
@@ -31,3 +32,22 @@ def test_pooled_auc_from_summed_site_histograms():
 def test_auc_undefined_without_both_classes():
     assert np.isnan(auc_from_histograms(np.array([3, 0]), np.array([0, 0])))
     assert auc_from_histograms(np.array([0, 2]), np.array([2, 0])) == 0.0
+
+
+def test_rates_and_prevalence_threshold_and_fairness_gaps():
+    from consortia.core.metrics import fairness_from_groups, prevalence_threshold, rates_at_threshold
+
+    # 4 bins; scores in bin 3 (>= 0.75) are the top quarter.
+    neg = np.array([5, 3, 1, 1])
+    pos = np.array([0, 0, 1, 1])
+    assert rates_at_threshold(neg, pos, 0.5) == {"selection_rate": 4 / 12, "tpr": 1.0, "fpr": 2 / 10}
+    # 2 of 12 rows are positive: the operating point flags the top bin (2 rows).
+    assert prevalence_threshold(neg, pos) == 0.75
+    out = fairness_from_groups(
+        {"a": (np.array([4, 0, 1, 0]), np.array([0, 0, 0, 1])), "b": (np.array([1, 3, 0, 1]), np.array([0, 0, 1, 0]))}
+    )
+    assert out["threshold"] == 0.75
+    assert out["groups"]["a"]["tpr"] == 1.0 and out["groups"]["b"]["tpr"] == 0.0
+    assert out["equal_opportunity_gap"] == 1.0
+    assert out["groups"]["a"]["auc"] == 1.0 and out["auc_gap"] == pytest.approx(1.0 - out["groups"]["b"]["auc"])
+    assert out["demographic_parity_gap"] == pytest.approx(abs(1 / 6 - 1 / 6))

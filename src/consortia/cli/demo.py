@@ -259,11 +259,13 @@ def govern(
     promote_path = f"/v1/registry/models/{model}/versions/{version['version']}/promote"
     approvals: list[str] = []
     with CoordinatorClient(fed.url, promoter_token) as promoter:
-        out = promoter.post_json(promote_path, {"to": "staging"})
-        print_promotion(out)
-        if out["promoted"]:
-            out = promoter.post_json(promote_path, {"to": "production", "dry_run": True})
-            print_promotion(out)
+        staged = promoter.post_json(promote_path, {"to": "staging"})
+        print_promotion(staged)
+        dry = promoter.post_json(promote_path, {"to": "production", "dry_run": True}) if staged["promoted"] else None
+        if dry is not None:
+            print_promotion(dry)
+        # Approvers sign only a version that meets every other rule of the policy.
+        if dry is not None and all(r["passed"] for r in dry["rules"] if not r["rule"].startswith("approval")):
             regulated = [t["name"] for t in admin.get_json("/v1/tenants") if t["regulated"]]
             for tenant in [t for t in regulated if t in version["tenants"]]:
                 token = admin.post_json(
@@ -278,8 +280,9 @@ def govern(
                     )
                 approvals.append(tenant)
             console.print(f"signed approvals for production from: {', '.join(approvals)}")
-            out = promoter.post_json(promote_path, {"to": "production"})
-            print_promotion(out)
+            print_promotion(promoter.post_json(promote_path, {"to": "production"}))
+        elif dry is not None:
+            console.print("production: rules other than approvals fail, so no approver is asked to sign.")
     final = admin.get_json(f"/v1/registry/models/{model}/versions/{version['version']}")
     verdict = verify_audit(admin)
     console.print(

@@ -9,7 +9,14 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SCORE_BINS", "auc_from_histograms", "fairness_from_groups", "rates_at_threshold", "score_histograms"]
+__all__ = [
+    "SCORE_BINS",
+    "auc_from_histograms",
+    "fairness_from_groups",
+    "prevalence_threshold",
+    "rates_at_threshold",
+    "score_histograms",
+]
 
 SCORE_BINS = 1000
 
@@ -70,9 +77,31 @@ def rates_at_threshold(neg: np.ndarray, pos: np.ndarray, threshold: float = 0.5)
     }
 
 
-def fairness_from_groups(groups: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float = 0.5) -> dict[str, object]:
+def prevalence_threshold(neg: np.ndarray, pos: np.ndarray) -> float:
+    """The bin edge at which the share of rows scored at or above it is closest to the
+    share of positives: an operating point that flags as many rows as there are positive
+    cases (a fixed 0.5 flags nobody when positives are rare)."""
+    neg = np.asarray(neg, dtype=np.float64)
+    pos = np.asarray(pos, dtype=np.float64)
+    total = neg.sum() + pos.sum()
+    if total == 0:
+        return 0.5
+    above = np.cumsum((neg + pos)[::-1])[::-1] / total  # share at or above each bin's lower edge
+    cut = int(np.argmin(np.abs(above - pos.sum() / total)))
+    return cut / len(neg)
+
+
+def fairness_from_groups(
+    groups: dict[str, tuple[np.ndarray, np.ndarray]], threshold: float | None = None
+) -> dict[str, object]:
     """Per-group AUC and rates from pooled per-group histograms, and the largest gaps
-    between groups (AUC gap, demographic-parity gap, equal-opportunity (TPR) gap)."""
+    between groups (AUC gap, demographic-parity gap, equal-opportunity (TPR) gap).
+
+    Rates use ``threshold``; by default the :func:`prevalence_threshold` of all groups
+    pooled, so the comparison happens at an operating point where the model flags rows.
+    """
+    if threshold is None:
+        threshold = prevalence_threshold(sum(g[0] for g in groups.values()), sum(g[1] for g in groups.values()))
     per: dict[str, dict[str, float | int | None]] = {}
     for g, (neg, pos) in sorted(groups.items()):
         auc = auc_from_histograms(neg, pos)
