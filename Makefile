@@ -3,6 +3,10 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# A real MLflow server for the export test, in its own environment: mlflow 3.17.2 pins
+# pyarrow<26 against our pinned 26.0.1, and Consortia itself talks to it over REST only.
+MLFLOW_VENV := .venv-mlflow
+MLFLOW_STAMP := $(MLFLOW_VENV)/.installed-stamp
 
 .PHONY: demo test bench lint venv clean
 
@@ -20,8 +24,13 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/consortia demo --headless --report demo-report.json
 
-test: $(STAMP)
-	$(BIN)/python -m pytest -q
+$(MLFLOW_STAMP):
+	test -x $(MLFLOW_VENV)/bin/python || $(PY) -m venv $(MLFLOW_VENV)
+	$(MLFLOW_VENV)/bin/python -m pip install --quiet mlflow==3.17.2
+	touch $(MLFLOW_STAMP)
+
+test: $(STAMP) $(MLFLOW_STAMP)
+	CONSORTIA_MLFLOW=$(abspath $(MLFLOW_VENV))/bin/mlflow $(BIN)/python -m pytest -q
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregation.py
@@ -33,4 +42,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) build *.egg-info demo-report.json
+	rm -rf $(VENV) $(MLFLOW_VENV) build *.egg-info demo-report.json

@@ -15,7 +15,7 @@ from rich.table import Table
 from consortia.cli.common import DEFAULT_URL, CoordinatorOpt, HomeOpt, TokenOpt, client, console, err
 from consortia.errors import ConsortiaError, ValidationError
 
-__all__ = ["approver_app", "audit_app", "policy_app", "print_promotion", "registry_app"]
+__all__ = ["approver_app", "audit_app", "export_app", "policy_app", "print_promotion", "registry_app"]
 
 registry_app = typer.Typer(
     help="Registered models: versions, lineage, cards, releases, approvals, promotion.", no_args_is_help=True
@@ -394,3 +394,29 @@ def audit_at(
     for v in out["versions"]:
         table.add_row(v["model"], str(v["version"]), v["stage"], ", ".join(v["tenants"]))
     console.print(table)
+
+
+# ---------------------------------------------------------------------------- export
+
+export_app = typer.Typer(help="Export jobs and model versions to other tools.", no_args_is_help=True)
+
+
+@export_app.command("mlflow")
+def export_mlflow(
+    job_id: int,
+    tracking_uri: Annotated[str, typer.Option(help="MLflow tracking server URL")],
+    experiment: Annotated[str | None, typer.Option(help="experiment (default consortia/MODEL)")] = None,
+    coordinator: CoordinatorOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Log a finished job as an MLflow run and register its model version with lineage tags."""
+    from consortia.integrations.mlflow import export_job
+
+    with client(coordinator, token, home) as c:
+        out = export_job(c, job_id, tracking_uri, experiment)
+    console.print(
+        f"exported job {job_id} to MLflow run {out['run_id']} (experiment {out['experiment_id']}): "
+        f"{out['params']} params, {out['metrics']} metric points, {len(out['artifacts'])} artifacts; "
+        f"model {out['model']} version {out['mlflow_version']}"
+    )

@@ -18,7 +18,7 @@ from rich.table import Table
 
 from consortia.cli.common import DEFAULT_URL, CoordinatorOpt, HomeOpt, TokenOpt, console, err
 from consortia.cli.common import client as _client
-from consortia.cli.governance import approver_app, audit_app, policy_app, registry_app
+from consortia.cli.governance import approver_app, audit_app, export_app, policy_app, registry_app
 from consortia.errors import ConsortiaError
 
 app = typer.Typer(
@@ -38,6 +38,7 @@ app.add_typer(registry_app, name="registry")
 app.add_typer(policy_app, name="policy")
 app.add_typer(approver_app, name="approver")
 app.add_typer(audit_app, name="audit")
+app.add_typer(export_app, name="export")
 
 # ---------------------------------------------------------------------------- coordinator
 
