@@ -30,8 +30,8 @@ import numpy as np
 
 from consortia.coordinator.faults import crash_point
 from consortia.coordinator.services.lineage import build_lineage
+from consortia.coordinator.services.results import check_histograms, pool, round_metrics, update_metadata
 from consortia.core.aggregate import WeightedSum
-from consortia.core.metrics import SCORE_BINS, auc_from_histograms, fairness_from_groups
 from consortia.core.params import Params, check_compatible
 from consortia.core.strategies import make_strategy
 from consortia.errors import (
@@ -45,7 +45,6 @@ from consortia.errors import (
 from consortia.ml.data import merge_profiles
 from consortia.ml.recipes import init_params, validate_recipe
 from consortia.protocol.schemas import (
-    DataFingerprint,
     EvaluationResult,
     JobSpec,
     ProfileResult,
@@ -270,7 +269,7 @@ class RoundService:
             params, meta = decode(body)
             assert task.global_in is not None
             check_compatible(self.params(task.global_in), params)
-            num_examples, metrics = _update_metadata(meta)
+            num_examples, metrics = update_metadata(meta)
         except UpdateError as exc:
             self.store.complete_task(task, state="failed", reason=exc.message, rule="update_validation")
             raise
@@ -292,7 +291,7 @@ class RoundService:
         if task.kind == "train":
             raise ConflictError(f"task {task_id} is a train task; upload a safetensors update instead.")
         if result.evaluation is not None:
-            _check_histograms(result.evaluation)
+            check_histograms(result.evaluation)
         status = self.store.complete_task(task, state="completed", result=result.model_dump(mode="json"))
         if status == "recorded":
             self._schedule_check(task.round_id)
@@ -403,7 +402,7 @@ class RoundService:
         global_hash = self.blobs.put(encode(new_params))
         state_hash = self.blobs.put(encode(new_state)) if new_state else None
         crash_point("model_written", rnd.number)
-        metrics = _round_metrics(updates)
+        metrics = round_metrics(updates)
         close = {
             "close": rnd,
             "close_fields": {"global_out": global_hash, "state_out": state_hash, "metrics": metrics},
@@ -429,7 +428,7 @@ class RoundService:
     def _close_evaluate(self, job: Job, spec: JobSpec, rnd: Round) -> None:
         done = [t for t in rnd.tasks if t.state == "completed" and t.result]
         evals = {t.site: EvaluationResult.model_validate(t.result["evaluation"]) for t in done}  # type: ignore[index]
-        metrics = _pool(evals)
+        metrics = pool(evals)
         assert rnd.global_in is not None
         rounds = [r if r.id != rnd.id else _closed(r) for r in self.store.job_rounds(job.id)]
         updates = {r.id: self.store.round_updates(r.id) for r in rounds if r.kind == "train" and r.state == "closed"}
@@ -460,108 +459,3 @@ def _log_failure(task: asyncio.Task[None]) -> None:
         if isinstance(exc, ConflictError):
             return  # another closer won the race: expected
         log.error("closing a round failed", exc_info=exc)
-
-
-def _check_pair(neg: list[int], pos: list[int], n: int, what: str) -> None:
-    if len(neg) != SCORE_BINS or len(pos) != SCORE_BINS:
-        raise ValidationError(f"{what}: score histograms must have {SCORE_BINS} bins each (or both be empty).")
-    if any(c < 0 for c in neg) or any(c < 0 for c in pos):
-        raise ValidationError(f"{what}: score histogram counts must be >= 0.")
-    if sum(neg) + sum(pos) != n:
-        raise ValidationError(f"{what}: score histogram counts must add up to n.")
-
-
-def _check_histograms(ev: EvaluationResult) -> None:
-    if ev.neg_hist or ev.pos_hist:  # both empty: the site's policy does not share them
-        _check_pair(ev.neg_hist, ev.pos_hist, ev.n, "evaluation")
-    for g, ge in (ev.groups or {}).items():
-        _check_pair(ge.neg_hist, ge.pos_hist, ge.n, f"group {g!r}")
-        if ge.n > ev.n:
-            raise ValidationError(f"group {g!r} has n == {ge.n}, more than the evaluation's n == {ev.n}.")
-
-
-def _update_metadata(meta: dict[str, str]) -> tuple[int, dict[str, Any]]:
-    try:
-        n = int(meta.get("num_examples", ""))
-    except ValueError as exc:
-        raise UpdateError("update metadata 'num_examples' must be an integer > 0.") from exc
-    if n <= 0:
-        raise UpdateError(f"num_examples == {n}, must be > 0.")
-    metrics: dict[str, Any] = {}
-    if "train_loss" in meta:
-        try:
-            loss = float(meta["train_loss"])
-        except ValueError as exc:
-            raise UpdateError("update metadata 'train_loss' must be a number.") from exc
-        if not math.isfinite(loss):
-            raise UpdateError("update metadata 'train_loss' must be finite.")
-        metrics["train_loss"] = loss
-    if "evaluation" in meta:
-        try:
-            ev = EvaluationResult.model_validate_json(meta["evaluation"])
-        except Exception as exc:
-            raise UpdateError(f"update metadata 'evaluation' is invalid: {exc}") from exc
-        try:
-            _check_histograms(ev)
-        except ValidationError as exc:
-            raise UpdateError(exc.message) from exc
-        metrics["evaluation"] = ev.model_dump(mode="json")
-    if "fingerprint" in meta:
-        try:
-            fp = DataFingerprint.model_validate_json(meta["fingerprint"])
-        except Exception as exc:
-            raise UpdateError(f"update metadata 'fingerprint' is invalid: {exc}") from exc
-        metrics["fingerprint"] = fp.model_dump(mode="json")
-    return n, metrics
-
-
-def _pool(evals: dict[str, EvaluationResult]) -> dict[str, Any]:
-    """Per-site metrics, a pooled AUC from summed score histograms (sites that share
-    them) and, when sites sent per-group histograms, pooled fairness metrics."""
-    neg = np.zeros(SCORE_BINS, np.int64)
-    pos = np.zeros(SCORE_BINS, np.int64)
-    groups: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    per_site: dict[str, Any] = {}
-    n = 0
-    loss = acc = 0.0
-    for site, ev in sorted(evals.items()):
-        if ev.neg_hist:
-            neg += np.asarray(ev.neg_hist, np.int64)
-            pos += np.asarray(ev.pos_hist, np.int64)
-        for g, ge in (ev.groups or {}).items():
-            gn, gp = groups.setdefault(g, (np.zeros(SCORE_BINS, np.int64), np.zeros(SCORE_BINS, np.int64)))
-            gn += np.asarray(ge.neg_hist, np.int64)
-            gp += np.asarray(ge.pos_hist, np.int64)
-        per_site[site] = {"auc": ev.auc, "accuracy": ev.accuracy, "loss": ev.loss, "n": ev.n}
-        n += ev.n
-        loss += ev.loss * ev.n
-        acc += ev.accuracy * ev.n
-    pooled = auc_from_histograms(neg, pos)
-    out: dict[str, Any] = {
-        "pooled_auc": None if np.isnan(pooled) else float(pooled),
-        "pooled_accuracy": acc / n if n else None,
-        "pooled_loss": loss / n if n else None,
-        "n": n,
-        "per_site": per_site,
-    }
-    if groups:
-        out["fairness"] = fairness_from_groups(groups)
-    return out
-
-
-def _round_metrics(updates: list[Any]) -> dict[str, Any]:
-    evals = {
-        u.site: EvaluationResult.model_validate(u.metrics["evaluation"])
-        for u in updates
-        if u.metrics and "evaluation" in u.metrics
-    }
-    pooled = _pool(evals) if evals else {}
-    total = sum(u.num_examples for u in updates)
-    train_loss = sum((u.metrics or {}).get("train_loss", 0.0) * u.num_examples for u in updates)
-    return {
-        "sites_reported": [u.site for u in updates],
-        "examples": total,
-        "train_loss": train_loss / total if total else None,
-        "bytes_received": sum(u.nbytes for u in updates),
-        "validation_of_incoming_model": pooled,
-    }

@@ -1,0 +1,120 @@
+"""Validation and pooling of what sites report: update metadata, evaluation histograms,
+per-round and final metrics (pooled AUC and fairness from summed histograms)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from consortia.core.metrics import SCORE_BINS, auc_from_histograms, fairness_from_groups
+from consortia.errors import UpdateError, ValidationError
+from consortia.protocol.schemas import DataFingerprint, EvaluationResult
+
+__all__ = ["check_histograms", "pool", "round_metrics", "update_metadata"]
+
+
+def _check_pair(neg: list[int], pos: list[int], n: int, what: str) -> None:
+    if len(neg) != SCORE_BINS or len(pos) != SCORE_BINS:
+        raise ValidationError(f"{what}: score histograms must have {SCORE_BINS} bins each (or both be empty).")
+    if any(c < 0 for c in neg) or any(c < 0 for c in pos):
+        raise ValidationError(f"{what}: score histogram counts must be >= 0.")
+    if sum(neg) + sum(pos) != n:
+        raise ValidationError(f"{what}: score histogram counts must add up to n.")
+
+
+def check_histograms(ev: EvaluationResult) -> None:
+    if ev.neg_hist or ev.pos_hist:  # both empty: the site's policy does not share them
+        _check_pair(ev.neg_hist, ev.pos_hist, ev.n, "evaluation")
+    for g, ge in (ev.groups or {}).items():
+        _check_pair(ge.neg_hist, ge.pos_hist, ge.n, f"group {g!r}")
+        if ge.n > ev.n:
+            raise ValidationError(f"group {g!r} has n == {ge.n}, more than the evaluation's n == {ev.n}.")
+
+
+def update_metadata(meta: dict[str, str]) -> tuple[int, dict[str, Any]]:
+    try:
+        n = int(meta.get("num_examples", ""))
+    except ValueError as exc:
+        raise UpdateError("update metadata 'num_examples' must be an integer > 0.") from exc
+    if n <= 0:
+        raise UpdateError(f"num_examples == {n}, must be > 0.")
+    metrics: dict[str, Any] = {}
+    if "train_loss" in meta:
+        try:
+            loss = float(meta["train_loss"])
+        except ValueError as exc:
+            raise UpdateError("update metadata 'train_loss' must be a number.") from exc
+        if not math.isfinite(loss):
+            raise UpdateError("update metadata 'train_loss' must be finite.")
+        metrics["train_loss"] = loss
+    if "evaluation" in meta:
+        try:
+            ev = EvaluationResult.model_validate_json(meta["evaluation"])
+        except Exception as exc:
+            raise UpdateError(f"update metadata 'evaluation' is invalid: {exc}") from exc
+        try:
+            check_histograms(ev)
+        except ValidationError as exc:
+            raise UpdateError(exc.message) from exc
+        metrics["evaluation"] = ev.model_dump(mode="json")
+    if "fingerprint" in meta:
+        try:
+            fp = DataFingerprint.model_validate_json(meta["fingerprint"])
+        except Exception as exc:
+            raise UpdateError(f"update metadata 'fingerprint' is invalid: {exc}") from exc
+        metrics["fingerprint"] = fp.model_dump(mode="json")
+    return n, metrics
+
+
+def pool(evals: dict[str, EvaluationResult]) -> dict[str, Any]:
+    """Per-site metrics, a pooled AUC from summed score histograms (sites that share
+    them) and, when sites sent per-group histograms, pooled fairness metrics."""
+    neg = np.zeros(SCORE_BINS, np.int64)
+    pos = np.zeros(SCORE_BINS, np.int64)
+    groups: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    per_site: dict[str, Any] = {}
+    n = 0
+    loss = acc = 0.0
+    for site, ev in sorted(evals.items()):
+        if ev.neg_hist:
+            neg += np.asarray(ev.neg_hist, np.int64)
+            pos += np.asarray(ev.pos_hist, np.int64)
+        for g, ge in (ev.groups or {}).items():
+            gn, gp = groups.setdefault(g, (np.zeros(SCORE_BINS, np.int64), np.zeros(SCORE_BINS, np.int64)))
+            gn += np.asarray(ge.neg_hist, np.int64)
+            gp += np.asarray(ge.pos_hist, np.int64)
+        per_site[site] = {"auc": ev.auc, "accuracy": ev.accuracy, "loss": ev.loss, "n": ev.n}
+        n += ev.n
+        loss += ev.loss * ev.n
+        acc += ev.accuracy * ev.n
+    pooled = auc_from_histograms(neg, pos)
+    out: dict[str, Any] = {
+        "pooled_auc": None if np.isnan(pooled) else float(pooled),
+        "pooled_accuracy": acc / n if n else None,
+        "pooled_loss": loss / n if n else None,
+        "n": n,
+        "per_site": per_site,
+    }
+    if groups:
+        out["fairness"] = fairness_from_groups(groups)
+    return out
+
+
+def round_metrics(updates: list[Any]) -> dict[str, Any]:
+    evals = {
+        u.site: EvaluationResult.model_validate(u.metrics["evaluation"])
+        for u in updates
+        if u.metrics and "evaluation" in u.metrics
+    }
+    pooled = pool(evals) if evals else {}
+    total = sum(u.num_examples for u in updates)
+    train_loss = sum((u.metrics or {}).get("train_loss", 0.0) * u.num_examples for u in updates)
+    return {
+        "sites_reported": [u.site for u in updates],
+        "examples": total,
+        "train_loss": train_loss / total if total else None,
+        "bytes_received": sum(u.nbytes for u in updates),
+        "validation_of_incoming_model": pooled,
+    }
