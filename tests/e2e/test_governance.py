@@ -4,9 +4,11 @@ log verified by `consortia audit verify` after a row is edited in the database."
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,42 @@ def test_site_policy_release_signature_and_audit_log(federation, tmp_path):
 
     with pytest.raises(ValidationError, match="does not verify"):
         verify_release(rel / "bundle", rel / "model.sig", rel / "release-p256.pub.pem")
+
+    # Governance through the CLI: list/show/card, policy, promote, keygen, signed approvals.
+    admin = fed.admin_token
+    assert "credit-risk" in cli("registry", "list", token=admin, url=fed.url).stdout
+    shown = json.loads(cli("registry", "show", "credit-risk:1", "--json", token=admin, url=fed.url).stdout)
+    assert shown["stage"] == "candidate" and shown["tenants"] == sorted(list(paths)[:2])  # the strict site refused
+    assert cli("registry", "card", "credit-risk:1", token=admin, url=fed.url).stdout.startswith("# Model card")
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "model: credit-risk\nstages:\n  staging: {rules: [{rule: signed}]}\n"
+        "  production: {approvals: {quorum: every_regulated}}\n"
+    )
+    assert cli("policy", "apply", str(policy), token=admin, url=fed.url).returncode == 0
+    with fed.client() as c:
+        promoter = c.post_json("/v1/credentials", {"name": "rm", "role": "promoter"})["token"]
+        approvers = {
+            t: c.post_json("/v1/credentials", {"name": f"ap-{t}", "role": "approver", "tenant": t})["token"]
+            for t in paths
+        }
+    assert cli("registry", "promote", "credit-risk:1", "--to", "staging", token=promoter, url=fed.url).returncode == 0
+    refused = cli("registry", "promote", "credit-risk:1", "--to", "production", token=promoter, url=fed.url)
+    assert refused.returncode == 1 and "missing approvals from:" in refused.stdout
+    for t, tok in approvers.items():
+        key = tmp_path / f"{t}.pem"
+        assert cli("approver", "keygen", "--key", str(key), token=tok, url=fed.url).returncode == 0
+        out = cli(
+            "registry", "approve", "credit-risk:1", "--stage", "production", "--key", str(key), token=tok, url=fed.url
+        )
+        assert out.returncode == 0, out.stderr
+    done = cli("registry", "promote", "credit-risk:1", "--to", "production", token=promoter, url=fed.url)
+    assert done.returncode == 0 and "promoted credit-risk:1 to production" in done.stdout
+    proof = cli("audit", "proof", "3", token=admin, url=fed.url)
+    assert proof.returncode == 0 and json.loads(proof.stdout)["verified"] is True
+    when = datetime.now(UTC).isoformat()
+    at = json.loads(cli("audit", "at", when, "--json", token=admin, url=fed.url).stdout)
+    assert [(v["model"], v["version"], v["stage"]) for v in at["versions"]] == [("credit-risk", 1, "production")]
 
     # The audit log verifies, until a row is edited in the database.
     ok = cli("audit", "verify", token=fed.admin_token, url=fed.url)
