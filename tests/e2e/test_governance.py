@@ -121,3 +121,27 @@ def test_site_policy_release_signature_and_audit_log(federation, tmp_path):
     bad = cli("audit", "verify", token=fed.admin_token, url=fed.url)
     assert bad.returncode == 1
     assert f"at entry {seq}: entry {seq} was modified" in bad.stderr
+
+
+def test_concurrent_writers_keep_one_dense_verifiable_audit_log(federation):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from consortia.governance import verify_audit
+
+    fed, _ = federation(sites=1)
+    fed.start_coordinator()
+
+    def create(i: int) -> int:
+        with fed.client() as c:
+            c.post_json("/v1/tenants", {"name": f"t{i}", "regulated": i % 2 == 0})
+            c.post_json("/v1/credentials", {"name": f"aud{i}", "role": "auditor", "tenant": f"t{i}"})
+        return i
+
+    with ThreadPoolExecutor(8) as pool:
+        assert sorted(pool.map(create, range(40))) == list(range(40))
+    with fed.client() as c:
+        verdict = verify_audit(c)
+        entries = c.get_json("/v1/audit/entries", params={"limit": 5000})
+    assert verdict.ok, verdict.reason
+    assert [e["seq"] for e in entries] == list(range(len(entries)))
+    assert sum(e["action"] == "tenant.created" for e in entries) == 40

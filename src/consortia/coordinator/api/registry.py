@@ -1,5 +1,8 @@
 """Registry, promotion policies, approvals and the audit log over REST.
 
+Routes that change state are ``async`` so every store write runs on the event loop
+thread, one at a time: the audit log is one sequence and its appends must not race.
+
 Permissions: everyone authenticated reads (tenant-scoped callers get redacted lineage);
 ``operator`` applies policies; ``approver`` (tenant-scoped) registers keys and approves;
 ``promoter`` promotes; ``auditor`` reads everything and changes nothing.
@@ -81,13 +84,13 @@ def release_file(model: str, version: int, name: str, gov: Gov, _: Reader) -> Re
 
 
 @router.post("/registry/models/{model}/versions/{version}/approvals", status_code=201)
-def approve(model: str, version: int, body: ApprovalRequest, gov: Gov, who: Approver) -> dict[str, Any]:
+async def approve(model: str, version: int, body: ApprovalRequest, gov: Gov, who: Approver) -> dict[str, Any]:
     """Record a signed approval (or rejection) for the approver's own tenant."""
     return gov.approve(who, model, version, body)
 
 
 @router.post("/registry/models/{model}/versions/{version}/promote")
-def promote(model: str, version: int, body: PromoteRequest, gov: Gov, who: Promoter) -> dict[str, Any]:
+async def promote(model: str, version: int, body: PromoteRequest, gov: Gov, who: Promoter) -> dict[str, Any]:
     """Evaluate the model's promotion policy; promote only if every rule passes."""
     if who.tenant_id is not None:
         raise PermissionDeniedError("promotion is consortium-wide: use a promoter credential without a tenant.")
@@ -115,7 +118,7 @@ def get_policy(model: str, gov: Gov, _: Reader) -> dict[str, Any]:
 
 
 @router.post("/tenants/{tenant}/approver-keys", status_code=201)
-def register_key(tenant: str, body: ApproverKeyCreate, gov: Gov, who: Approver) -> dict[str, Any]:
+async def register_key(tenant: str, body: ApproverKeyCreate, gov: Gov, who: Approver) -> dict[str, Any]:
     """Register the tenant approver's Ed25519 public key (the private key stays with them)."""
     return gov.register_key(who, tenant, body.public_key)
 

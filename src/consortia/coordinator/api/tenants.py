@@ -1,4 +1,5 @@
-"""Tenants, enrollment tokens, credentials and sites."""
+"""Tenants, enrollment tokens, credentials and sites. Routes that write are ``async`` so
+store writes (and their audit-log appends) run one at a time on the event loop."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ Operator = Annotated[Principal, principal_with("operator")]
 
 
 @router.post("/tenants", status_code=201, response_model=TenantCreated)
-def create_tenant(body: TenantCreate, tenants: TenantsDep, who: Admin) -> TenantCreated:
+async def create_tenant(body: TenantCreate, tenants: TenantsDep, who: Admin) -> TenantCreated:
     """Create a tenant; the answer holds its first one-time enrollment token."""
     return tenants.create_tenant(who, body.name, body.regulated)
 
@@ -44,7 +45,7 @@ def get_tenant(name: str, tenants: TenantsDep, who: Reader) -> TenantPublic:
 
 
 @router.post("/tenants/{name}/enrollment-tokens", status_code=201, response_model=EnrollmentTokenPublic)
-def new_enrollment(name: str, tenants: TenantsDep, who: Operator) -> EnrollmentTokenPublic:
+async def new_enrollment(name: str, tenants: TenantsDep, who: Operator) -> EnrollmentTokenPublic:
     return tenants.new_enrollment(who, name)
 
 
@@ -54,12 +55,12 @@ def list_sites(tenants: TenantsDep, who: Reader, tenant: Annotated[str | None, Q
 
 
 @router.post("/credentials", status_code=201, response_model=CredentialPublic)
-def create_credential(body: CredentialCreate, tenants: TenantsDep, who: Admin) -> CredentialPublic:
+async def create_credential(body: CredentialCreate, tenants: TenantsDep, who: Admin) -> CredentialPublic:
     return tenants.create_credential(who, body)
 
 
 @router.post("/enroll", status_code=201, response_model=EnrollResponse)
-def enroll(body: EnrollRequest, tenants: TenantsDep) -> EnrollResponse:
+async def enroll(body: EnrollRequest, tenants: TenantsDep) -> EnrollResponse:
     """Exchange a one-time enrollment token for a site credential (no bearer needed)."""
     return tenants.enroll(body.enrollment_token, body.site_name)
 

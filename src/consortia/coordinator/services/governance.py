@@ -14,6 +14,7 @@ import copy
 import hashlib
 import logging
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -57,7 +58,7 @@ def _errors(exc: PydanticValidationError) -> str:
 
 
 class GovernanceService:
-    def __init__(self, store: SqlStore, blobs: BlobStore, keys: CoordinatorKeys, release_root) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, store: SqlStore, blobs: BlobStore, keys: CoordinatorKeys, release_root: Path) -> None:
         self.store = store
         self.keys = keys
         self.releases = ReleaseBuilder(release_root, blobs, keys)

@@ -14,7 +14,6 @@ CLI: ``model_signing verify key DIR --public_key release-p256.pub.pem --signatur
 from __future__ import annotations
 
 import base64
-import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -132,7 +131,3 @@ class ReleaseBuilder:
         if not path.is_file():
             raise NotFoundError(f"{v.ref} has no signed release yet.")
         return path.read_bytes()
-
-    @staticmethod
-    def sha256(data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest()
