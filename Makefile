@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/aggregation.py
 	$(BIN)/python benchmarks/round_overhead.py
 	$(BIN)/python benchmarks/poll_load.py
+	$(BIN)/python benchmarks/audit_log.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
