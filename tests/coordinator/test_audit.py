@@ -110,3 +110,20 @@ def test_editing_any_row_in_any_column_is_named(coord):
         with coord.http.app.state.store.engine.begin() as conn:
             conn.execute(text(f"UPDATE audit_log SET {column} = :v WHERE seq = :s"), {"v": before, "s": seq})
         assert verify_audit(coord.admin).ok
+
+
+def test_a_pinned_key_is_used_and_a_wrong_one_fails(coord, tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    populate(coord, n_tenants=2)
+    pinned = coord.home / "keys" / "audit-ed25519.pub.pem"
+    assert verify_audit(coord.admin, public_key=pinned).ok
+    other = tmp_path / "other.pub.pem"
+    other.write_bytes(
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    verdict = verify_audit(coord.admin, public_key=other)
+    assert (verdict.ok, verdict.first_bad) == (False, 0) and "not the coordinator's" in verdict.reason
