@@ -7,7 +7,8 @@ machine-readable ``code`` and a message that says what was wrong and what to do:
     ├── ValidationError          input that does not meet its contract (spec, update, data)
     │   ├── SpecError            a job spec field is wrong (names the field)
     │   ├── UpdateError          a model update is malformed (shape, dtype, NaN/Inf, size)
-    │   └── SchemaMismatchError  a site's data does not match the job's declared schema
+    │   ├── SchemaMismatchError  a site's data does not match the job's declared schema
+    │   └── ReleaseError         a release bundle is partial, mixed, tampered or fails its smoke test
     ├── AuthError                missing, malformed, expired or revoked credential (401)
     ├── PermissionDeniedError    authenticated but not allowed, e.g. another tenant (403)
     ├── NotFoundError            no such object, or not visible to the caller (404)
@@ -27,6 +28,7 @@ __all__ = [
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
+    "ReleaseError",
     "SchemaMismatchError",
     "SpecError",
     "StrategyError",
@@ -69,6 +71,13 @@ class SchemaMismatchError(ValidationError):
     """A site's local data does not match the job's declared feature schema."""
 
     code = "schema_mismatch"
+
+
+class ReleaseError(ValidationError):
+    """A release bundle cannot be trusted or run: a part is missing, extra, of the wrong
+    hash or size, or the bundle fails its signed smoke test."""
+
+    code = "bad_release"
 
 
 class AuthError(ConsortiaError):

@@ -131,7 +131,10 @@ def download_release(client: Any, model: str, version: int, directory: Path) -> 
     bundle = directory / "bundle"
     bundle.mkdir(parents=True, exist_ok=True)
     for name in m["files"]:
+        if name.startswith("/") or ".." in Path(name).parts:
+            raise ValidationError(f"the release lists a file outside its bundle: {name!r}.")
         data = client.request("GET", f"/v1/registry/models/{model}/versions/{version}/release/files/{name}").content
+        (bundle / name).parent.mkdir(parents=True, exist_ok=True)
         (bundle / name).write_bytes(data)
     sig = directory / "model.sig"
     sig.write_text(json.dumps(m["signature"]))

@@ -63,7 +63,7 @@ def test_site_policy_release_signature_and_audit_log(federation, tmp_path):
     ]
     assert subprocess.run(own, capture_output=True, timeout=120).returncode == 0
     # ... and one flipped byte in the weights fails both.
-    weights = rel / "bundle" / "model.safetensors"
+    weights = next((rel / "bundle" / "tensors").iterdir())  # one weight tensor (ONNX external data)
     data = bytearray(weights.read_bytes())
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))

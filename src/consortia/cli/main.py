@@ -16,6 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from consortia.cli import serving
 from consortia.cli.common import DEFAULT_URL, CoordinatorOpt, HomeOpt, TokenOpt, console, err
 from consortia.cli.common import client as _client
 from consortia.cli.governance import approver_app, audit_app, export_app, policy_app, registry_app
@@ -39,6 +40,8 @@ app.add_typer(policy_app, name="policy")
 app.add_typer(approver_app, name="approver")
 app.add_typer(audit_app, name="audit")
 app.add_typer(export_app, name="export")
+app.command("predict")(serving.predict)
+app.command("serve")(serving.serve)
 
 # ---------------------------------------------------------------------------- coordinator
 

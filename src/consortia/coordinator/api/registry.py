@@ -76,7 +76,7 @@ def release_manifest(model: str, version: int, gov: Gov, _: Reader) -> dict[str,
     return gov.releases.manifest(gov.store.get_version(model, version))
 
 
-@router.get("/registry/models/{model}/versions/{version}/release/files/{name}")
+@router.get("/registry/models/{model}/versions/{version}/release/files/{name:path}")
 def release_file(model: str, version: int, name: str, gov: Gov, _: Reader) -> Response:
     return Response(
         gov.releases.file(gov.store.get_version(model, version), name), media_type="application/octet-stream"

@@ -1,10 +1,15 @@
 """Signed releases: a model version bound with its configuration, signed in the OpenSSF
 model-signing format with the coordinator's EC P-256 key.
 
-A release directory holds ``model.safetensors`` (the parameters), ``config.json``
-(recipe, features, label, agreed preprocessing, decision threshold), ``release.json``
-(model, version, hashes: binds the identity into the signed content),
-``model-card.json`` / ``model-card.md`` and ``lineage.json``. ``model_signing`` hashes
+A release bundle binds everything inference needs (format ``consortia-release/2``, see
+:mod:`consortia.edge.runtime`): ``model.onnx`` (raw columns in, probability out, the
+agreed preprocessing inside the graph), one file per weight tensor under ``tensors/``
+named by its SHA-256 (ONNX external data: a device never downloads a tensor it holds),
+``config.json`` (recipe, features, label, preprocessing, threshold), ``sample.json``
+(smoke-test inputs and the outputs the trained model gives), the model card, the lineage,
+and ``manifest.json`` listing every part by role, hash and size, with model, version and
+parameter hash (binding the identity into the signed content) and a slot for a
+vector-index snapshot. ``model_signing`` hashes
 every file into an in-toto statement and signs it (a Sigstore bundle with a DSSE
 envelope, no transparency log: offline). The statement's subject digest is the
 *release digest* that approvers sign. Anyone can check a release with the package's own
@@ -14,20 +19,23 @@ CLI: ``model_signing verify key DIR --public_key release-p256.pub.pem --signatur
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from consortia.coordinator.keys import CoordinatorKeys
 from consortia.coordinator.services.lineage import card_markdown, model_card
+from consortia.edge.runtime import FORMAT
 from consortia.errors import NotFoundError, ValidationError
+from consortia.protocol.tensors import decode
 from consortia.store.blobs import BlobStore
 from consortia.store.entities import ModelVersion
 
-__all__ = ["RELEASE_FILES", "ReleaseBuilder", "statement_digest", "verify_release"]
-
-RELEASE_FILES = ("config.json", "lineage.json", "model-card.json", "model-card.md", "model.safetensors", "release.json")
+__all__ = ["ReleaseBuilder", "statement_digest", "verify_release", "write_bundle"]
 
 
 def statement_digest(signature_bundle: bytes) -> tuple[str, dict[str, str]]:
@@ -52,6 +60,73 @@ def _dump(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
 
 
+def _part(root: Path, role: str, rel: str, data: bytes, **extra: Any) -> dict[str, Any]:
+    path = root / rel
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return {"role": role, "path": rel, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data), **extra}
+
+
+def write_bundle(root: Path, v: ModelVersion, params: dict[str, np.ndarray], threshold: float = 0.5) -> dict[str, Any]:
+    """Write the release bundle of ``v`` into ``root``: the ONNX graph with preprocessing
+    inside, one file per weight tensor, config, the smoke-test sample with the outputs
+    the trained model gives for it, card, lineage, and the manifest over all of them."""
+    import pandas as pd
+
+    from consortia.ml.data import transform
+    from consortia.ml.export import export_onnx, externalize, sample_inputs
+    from consortia.ml.recipes import predict
+    from consortia.protocol.schemas import PreprocessingPlan
+
+    lin = v.lineage
+    spec = lin["job"]["spec"]
+    plan = PreprocessingPlan.model_validate(lin["preprocessing"])
+    recipe, options = spec["recipe"]["name"], spec["recipe"].get("options", {})
+    graph, tensors = externalize(export_onnx(recipe, options, params, plan), root)
+    parts = [_part(root, "graph", "model.onnx", graph)]
+    parts += [{"role": "tensor", "name": name, **t} for name, t in sorted(tensors.items())]
+    inputs = {f["name"]: f["type"] for f in spec["features"]}
+    config = {
+        "recipe": spec["recipe"],
+        "features": spec["features"],
+        "label": spec["label"],
+        "preprocessing": lin["preprocessing"],
+        "threshold": threshold,
+        "output": "probability of the positive class",
+    }
+    parts.append(_part(root, "config", "config.json", _dump(config)))
+    sample = sample_inputs(plan, spec["features"])
+    expected = predict(recipe, options, params, transform(pd.DataFrame(sample), plan))
+    parts.append(
+        _part(
+            root,
+            "sample",
+            "sample.json",
+            _dump({"inputs": sample, "expected": [float(x) for x in expected], "tolerance": 1e-5}),
+        )
+    )
+    card = model_card(v)
+    card["release_digest"] = None  # unknown until signed; the registry serves the live card
+    parts.append(_part(root, "card", "model-card.json", _dump(card)))
+    parts.append(_part(root, "card", "model-card.md", card_markdown(card).encode()))
+    parts.append(_part(root, "lineage", "lineage.json", _dump(lin)))
+    manifest = {
+        "format": FORMAT,
+        "model": v.model,
+        "version": v.version,
+        "params_hash": v.params_hash,
+        "spec_hash": lin["job"]["spec_hash"],
+        "created_at": v.created_at.isoformat(),
+        "inputs": inputs,
+        "output": "probability",
+        "threshold": threshold,
+        "index": None,  # slot for a vector-index snapshot (a later release kind fills it)
+        "parts": parts,
+    }
+    (root / "manifest.json").write_bytes(_dump(manifest))
+    return manifest
+
+
 class ReleaseBuilder:
     """Writes and signs release directories under ``root/<model>/<version>/``."""
 
@@ -74,31 +149,7 @@ class ReleaseBuilder:
         tmp = bundle.with_name("bundle.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        lin = v.lineage
-        spec = lin["job"]["spec"]
-        config = {
-            "recipe": spec["recipe"],
-            "features": spec["features"],
-            "label": spec["label"],
-            "preprocessing": lin["preprocessing"],
-            "threshold": 0.5,
-            "output": "probability of the positive class",
-        }
-        release = {
-            "model": v.model,
-            "version": v.version,
-            "params_hash": v.params_hash,
-            "spec_hash": lin["job"]["spec_hash"],
-            "created_at": v.created_at.isoformat(),
-        }
-        card = model_card(v)
-        card["release_digest"] = None  # unknown until signed; the registry serves the live card
-        (tmp / "model.safetensors").write_bytes(self.blobs.get(v.params_hash, verify=True))
-        (tmp / "config.json").write_bytes(_dump(config))
-        (tmp / "release.json").write_bytes(_dump(release))
-        (tmp / "lineage.json").write_bytes(_dump(lin))
-        (tmp / "model-card.json").write_bytes(_dump(card))
-        (tmp / "model-card.md").write_text(card_markdown(card))
+        write_bundle(tmp, v, decode(self.blobs.get(v.params_hash, verify=True))[0])
         shutil.rmtree(bundle, ignore_errors=True)
         tmp.rename(bundle)
         sig_tmp = sig.with_suffix(".sig.tmp")
@@ -124,10 +175,11 @@ class ReleaseBuilder:
         }
 
     def file(self, v: ModelVersion, name: str) -> bytes:
-        if name not in RELEASE_FILES:
-            raise NotFoundError(f"a release has no file {name!r}; files are {list(RELEASE_FILES)}.")
-        bundle, _ = self.paths(v)
-        path = bundle / name
-        if not path.is_file():
+        """One file of the signed release, by its path in the manifest."""
+        bundle, sig = self.paths(v)
+        if v.release_digest is None or not sig.exists():
             raise NotFoundError(f"{v.ref} has no signed release yet.")
-        return path.read_bytes()
+        _, files = statement_digest(sig.read_bytes())
+        if name not in files:
+            raise NotFoundError(f"release {v.ref} has no file {name!r}; see its manifest.")
+        return (bundle / name).read_bytes()

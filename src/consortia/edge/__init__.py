@@ -1,0 +1,1 @@
+"""Edge and serving runtime: verify and run releases without torch."""

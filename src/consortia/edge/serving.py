@@ -1,0 +1,186 @@
+"""Model as a service: ``POST /v1/predict`` over a verified release (site and edge agents).
+
+Request bodies (JSON): ``{"row": {col: value}}``, ``{"rows": [{col: value}, ...]}`` or
+``{"columns": {col: [values]}}``. Answer: ``{"release": "model:version", "threshold": t,
+"predictions": [{"probability": p, "decision": bool}, ...]}``. Every call needs
+``Authorization: Bearer <serving token>`` (the token's SHA-256 is compared in constant
+time). Latency of every call is recorded in a histogram: ``GET /v1/stats`` gives
+p50/p95/p99 and counts, ``GET /metrics`` the Prometheus form. The release can be swapped
+atomically while serving (:meth:`ServingState.activate`).
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import hmac
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from consortia.edge.runtime import Release, load_release
+from consortia.errors import AuthError, ConsortiaError, PayloadTooLargeError, ValidationError
+
+__all__ = ["LatencyHistogram", "ServingState", "create_serving_app"]
+
+MAX_BODY = 8 * 1024 * 1024
+MAX_ROWS = 100_000
+
+# Log-spaced bucket upper bounds from 10 us to 10 s (about 8% apart).
+_BOUNDS = [1e-5 * (1.08**i) for i in range(180)]
+
+
+@dataclass
+class LatencyHistogram:
+    """Thread-safe latency histogram with quantiles (bucket upper bounds, ~8% resolution)."""
+
+    counts: list[int] = field(default_factory=lambda: [0] * (len(_BOUNDS) + 1))
+    total: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def observe(self, seconds: float) -> None:
+        i = bisect.bisect_left(_BOUNDS, seconds)
+        with self._lock:
+            self.counts[i] += 1
+            self.total += 1
+
+    def quantile(self, q: float) -> float | None:
+        with self._lock:
+            if self.total == 0:
+                return None
+            rank = q * self.total
+            seen = 0
+            for i, c in enumerate(self.counts):
+                seen += c
+                if seen >= rank:
+                    return _BOUNDS[i] if i < len(_BOUNDS) else float("inf")
+        return None
+
+    def summary(self) -> dict[str, float | int | None]:
+        return {"count": self.total, "p50": self.quantile(0.5), "p95": self.quantile(0.95), "p99": self.quantile(0.99)}
+
+
+@dataclass
+class ServingState:
+    """The release being served and its counters; ``activate`` swaps it atomically."""
+
+    release: Release | None
+    token_hash: str
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    predictions: int = 0
+    errors: int = 0
+
+    def activate(self, release: Release) -> None:
+        self.release = release  # one reference assignment: requests see the old or the new, never a mix
+
+
+def _rows(body: Any) -> Any:
+    if not isinstance(body, dict):
+        raise ValidationError('body must be a JSON object: {"row": {...}}, {"rows": [...]} or {"columns": {...}}.')
+    if "row" in body and isinstance(body["row"], dict):
+        return [body["row"]]
+    if "rows" in body and isinstance(body["rows"], list) and all(isinstance(r, dict) for r in body["rows"]):
+        if len(body["rows"]) > MAX_ROWS:
+            raise PayloadTooLargeError(f"at most {MAX_ROWS} rows per call.")
+        return body["rows"]
+    if "columns" in body and isinstance(body["columns"], dict):
+        return body["columns"]
+    raise ValidationError('expected {"row": {col: value}}, {"rows": [{...}, ...]} or {"columns": {col: [...]}}.')
+
+
+def create_serving_app(release: str | Path | Release | None, token: str | None = None) -> FastAPI:
+    """A serving app over ``release`` (a bundle path or a loaded release; None until a
+    release is activated). ``token`` defaults to ``CONSORTIA_SERVING_TOKEN``."""
+    import os
+
+    token = token or os.environ.get("CONSORTIA_SERVING_TOKEN")
+    if not token:
+        raise ValidationError("serving needs a bearer token: pass one or set CONSORTIA_SERVING_TOKEN.")
+    loaded = load_release(release) if isinstance(release, str | Path) else release
+    state = ServingState(loaded, hashlib.sha256(token.encode()).hexdigest())
+    app = FastAPI(title="Consortia serving", description="POST /v1/predict with a bearer token.")
+    app.state.serving = state
+    app.state.release = loaded
+
+    def check(request: Request) -> None:
+        scheme, _, value = request.headers.get("authorization", "").partition(" ")
+        given = hashlib.sha256(value.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given, state.token_hash):
+            raise AuthError("missing or wrong serving token: send 'Authorization: Bearer <token>'.")
+
+    @app.exception_handler(ConsortiaError)
+    async def _error(request: Request, exc: ConsortiaError) -> JSONResponse:
+        return JSONResponse(status_code=exc.status, content={"error": exc.code, "detail": exc.message})
+
+    @app.post("/v1/predict")
+    async def predict(request: Request) -> Response:
+        start = time.perf_counter()
+        check(request)
+        try:
+            raw = await request.body()
+            if len(raw) > MAX_BODY:
+                raise PayloadTooLargeError(f"body over {MAX_BODY} bytes; split the batch.")
+            try:
+                body = json.loads(raw)
+            except ValueError as exc:
+                raise ValidationError(f"body is not valid JSON: {exc}") from exc
+            rel = state.release
+            if rel is None:
+                raise ConsortiaError("no release is active here yet.")
+            probs, decisions = rel.decide(_rows(body))
+        except ConsortiaError:
+            state.errors += 1
+            raise
+        out = {
+            "release": rel.ref,
+            "threshold": rel.threshold,
+            "predictions": [
+                {"probability": float(p), "decision": bool(d)} for p, d in zip(probs, decisions, strict=True)
+            ],
+        }
+        state.predictions += len(probs)
+        state.latency.observe(time.perf_counter() - start)
+        return Response(json.dumps(out), media_type="application/json")
+
+    @app.get("/v1/stats")
+    def stats(request: Request) -> dict[str, Any]:
+        check(request)
+        rel = state.release
+        return {
+            "release": rel.ref if rel else None,
+            "predictions": state.predictions,
+            "errors": state.errors,
+            "latency_seconds": state.latency.summary(),
+        }
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, Any]:
+        rel = state.release
+        return {"status": "ok" if rel else "no-release", "release": rel.ref if rel else None}
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        lines = [
+            "# TYPE consortia_serving_predictions_total counter",
+            f"consortia_serving_predictions_total {state.predictions}",
+            "# TYPE consortia_serving_errors_total counter",
+            f"consortia_serving_errors_total {state.errors}",
+            "# TYPE consortia_serving_latency_seconds summary",
+        ]
+        for q, v in (
+            ("0.5", state.latency.quantile(0.5)),
+            ("0.95", state.latency.quantile(0.95)),
+            ("0.99", state.latency.quantile(0.99)),
+        ):
+            if v is not None:
+                lines.append(f'consortia_serving_latency_seconds{{quantile="{q}"}} {v}')
+        lines.append(f"consortia_serving_latency_seconds_count {state.latency.total}")
+        return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
+
+    return app

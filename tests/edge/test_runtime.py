@@ -1,0 +1,182 @@
+"""Release bundles at run time: a registered release loads and predicts like the trained
+model; partial, mixed and tampered bundles are refused; precompute and the service."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from fastapi.testclient import TestClient
+
+import consortia
+from consortia.edge.runtime import load_release, verify_bundle
+from consortia.edge.serving import create_serving_app
+from consortia.errors import ReleaseError, ValidationError
+from consortia.governance import download_release
+from consortia.site.tasks import SiteContext
+from support import SPEC, synthetic_frame
+
+
+@pytest.fixture
+def bundles(coord, tmp_path):
+    """Two registered versions of test-job, downloaded as bundles v1/ and v2/."""
+    sites = []
+    for i, name in enumerate(["bank-a", "bank-b"]):
+        resp = coord.client(None).enroll(coord.tenant(name), name)
+        sites.append(
+            SiteContext(
+                name=name, home=tmp_path / name, client=coord.client(resp.credential), frame=synthetic_frame(300, i)
+            )
+        )
+    out = {}
+    for v, seed in ((1, 0), (2, 7)):
+        coord.wait_job(coord.admin.post_json("/v1/jobs", {**SPEC, "seed": seed})["id"], sites)
+        out[v] = download_release(coord.admin, "test-job", v, tmp_path / f"v{v}")[0]
+    return coord, out
+
+
+def test_release_predicts_like_the_trained_model(bundles):
+    coord, b = bundles
+    from consortia.ml.data import transform
+    from consortia.ml.recipes import predict
+    from consortia.protocol.schemas import PreprocessingPlan
+    from consortia.protocol.tensors import decode
+
+    rel = consortia.load_release(b[1])
+    assert rel.ref == "test-job:1" and rel.columns == {"x1": "numeric", "x2": "numeric", "cat": "categorical"}
+    frame = synthetic_frame(200, 42)
+    frame.loc[:4, "x1"] = np.nan
+    frame.loc[5:9, "cat"] = None
+    frame.loc[10:14, "cat"] = "never-seen"
+    job = coord.admin.get_json("/v1/jobs/1")
+    blob = coord.http.app.state.blobs.get(job["model_hash"])
+    plan = PreprocessingPlan.model_validate(coord.http.app.state.store.get_job(1).preprocessing)
+    want = predict("logistic_regression", {}, decode(blob)[0], transform(frame, plan))
+    np.testing.assert_allclose(rel.predict(frame), want, atol=1e-6)
+    # the same rows as a column mapping and as row dicts
+    cols = {c: frame[c].tolist() for c in ("x1", "x2", "cat")}
+    np.testing.assert_allclose(rel.predict(cols), want, atol=1e-6)
+    np.testing.assert_allclose(rel.predict(frame[["x1", "x2", "cat"]].to_dict("records")), want, atol=1e-6)
+    with pytest.raises(ValidationError, match="input lacks column 'cat'"):
+        rel.predict({"x1": [1.0], "x2": [2.0]})
+
+
+def test_partial_mixed_and_tampered_bundles_are_refused(bundles, tmp_path):
+    _, b = bundles
+    manifest = verify_bundle(b[1])
+    tensor = next(p["path"] for p in manifest["parts"] if p["role"] == "tensor")
+
+    partial = shutil.copytree(b[1], tmp_path / "partial")
+    (partial / tensor).unlink()
+    with pytest.raises(ReleaseError, match=f"partial bundle: tensor part {tensor} is missing"):
+        load_release(partial)
+
+    mixed = shutil.copytree(b[1], tmp_path / "mixed")
+    shutil.copy(b[2] / "model.onnx", mixed / "model.onnx")  # v2's graph with v1's manifest
+    with pytest.raises(ReleaseError, match="mixed or tampered bundle: model.onnx"):
+        load_release(mixed)
+
+    extra = shutil.copytree(b[1], tmp_path / "extra")
+    v2_tensor = next(p["path"] for p in verify_bundle(b[2])["parts"] if p["role"] == "tensor")
+    shutil.copy(b[2] / v2_tensor, extra / v2_tensor)
+    with pytest.raises(ReleaseError, match="mixed bundle: .* are not parts of test-job:1"):
+        load_release(extra)
+
+    flipped = shutil.copytree(b[1], tmp_path / "flipped")
+    data = bytearray((flipped / tensor).read_bytes())
+    data[0] ^= 1
+    (flipped / tensor).write_bytes(bytes(data))
+    with pytest.raises(ReleaseError, match=f"mixed or tampered bundle: {tensor}"):
+        load_release(flipped)
+
+
+def test_a_bundle_that_fails_its_smoke_test_is_refused(bundles, tmp_path):
+    _, b = bundles
+    bad = shutil.copytree(b[1], tmp_path / "bad")
+    sample = json.loads((bad / "sample.json").read_text())
+    sample["expected"] = [1.0 - x for x in sample["expected"]]
+    data = json.dumps(sample).encode()
+    (bad / "sample.json").write_bytes(data)
+    manifest = json.loads((bad / "manifest.json").read_text())  # a consistent but wrong bundle
+    import hashlib
+
+    for p in manifest["parts"]:
+        if p["role"] == "sample":
+            p["sha256"], p["size"] = hashlib.sha256(data).hexdigest(), len(data)
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ReleaseError, match="failed its smoke test"):
+        load_release(bad)
+
+
+def test_precompute_cli_scores_csv_and_parquet(bundles, tmp_path):
+    _, b = bundles
+    frame = synthetic_frame(50, 3)
+    for suffix in ("csv", "parquet"):
+        src, dst = tmp_path / f"in.{suffix}", tmp_path / f"out.{suffix}"
+        frame.to_csv(src, index=False) if suffix == "csv" else frame.to_parquet(src, index=False)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "consortia.cli.main",
+                "predict",
+                "--release",
+                str(b[1]),
+                "--input",
+                str(src),
+                "--output",
+                str(dst),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert r.returncode == 0, r.stderr
+        out = pd.read_csv(dst) if suffix == "csv" else pd.read_parquet(dst)
+        np.testing.assert_allclose(out["probability"], load_release(b[1]).predict(frame), atol=1e-6)
+        assert (out["decision"] == (out["probability"] >= 0.5)).all() and (out["release"] == "test-job:1").all()
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "consortia.cli.main",
+            "predict",
+            "--release",
+            str(tmp_path),
+            "--input",
+            str(src),
+            "--output",
+            str(dst),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 2 and "manifest.json is missing" in r.stderr
+
+
+def test_service_answers_rows_and_batches_with_auth_and_latency_stats(bundles):
+    _, b = bundles
+    app = create_serving_app(b[1], token="s3cret-token")
+    rel = app.state.release
+    with TestClient(app) as http:
+        h = {"Authorization": "Bearer s3cret-token"}
+        assert http.post("/v1/predict", json={"row": {"x1": 1.0, "x2": 0.0, "cat": "a"}}).status_code == 401
+        one = http.post("/v1/predict", json={"row": {"x1": 1.0, "x2": 0.0, "cat": "a"}}, headers=h).json()
+        assert one["release"] == "test-job:1" and len(one["predictions"]) == 1
+        frame = synthetic_frame(30, 5)
+        rows = frame[["x1", "x2", "cat"]].to_dict("records")
+        many = http.post("/v1/predict", json={"rows": rows}, headers=h).json()["predictions"]
+        np.testing.assert_allclose([p["probability"] for p in many], rel.predict(frame), atol=1e-6)
+        bad = http.post("/v1/predict", json={"rows": [{"x1": 1.0}]}, headers=h)
+        assert bad.status_code == 422 and "row 0 lacks input column(s)" in bad.json()["detail"]
+        assert http.post("/v1/predict", content=b"{", headers=h).status_code == 422
+        stats = http.get("/v1/stats", headers=h).json()
+        assert stats["predictions"] == 31 and stats["errors"] == 2
+        assert stats["latency_seconds"]["count"] == 2 and stats["latency_seconds"]["p99"] > 0
+        assert 'consortia_serving_latency_seconds{quantile="0.99"}' in http.get("/metrics").text
