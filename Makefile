@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/round_overhead.py
 	$(BIN)/python benchmarks/poll_load.py
 	$(BIN)/python benchmarks/audit_log.py
+	$(BIN)/python benchmarks/edge_latency.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

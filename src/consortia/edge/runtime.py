@@ -86,6 +86,23 @@ def _column(values: Any, kind: str) -> np.ndarray:
     return out.reshape(-1, 1)
 
 
+def _from_series(series: Any, kind: str) -> np.ndarray:
+    """A DataFrame column as training converted it (consortia.ml.data), fast for the
+    common dtypes."""
+    import pandas as pd
+
+    if kind == "numeric":
+        if pd.api.types.is_numeric_dtype(series) and not pd.api.types.is_bool_dtype(series):
+            return series.to_numpy(dtype=np.float64, na_value=np.nan).reshape(-1, 1)
+        return pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64).reshape(-1, 1)
+    if pd.api.types.is_string_dtype(series):
+        arr = series.to_numpy(dtype=object, na_value=None)
+        if any(v is None or not isinstance(v, str) for v in arr):
+            arr = series.astype("string").fillna(MISSING).to_numpy(dtype=object)
+        return arr.reshape(-1, 1)
+    return series.astype("string").fillna(MISSING).to_numpy(dtype=object).reshape(-1, 1)
+
+
 @dataclass
 class Release:
     """A verified, smoke-tested release, ready to predict."""
@@ -94,6 +111,12 @@ class Release:
     manifest: dict[str, Any]
     config: dict[str, Any]
     session: Any
+
+    def __post_init__(self) -> None:
+        self._kinds = [
+            (c, k, np.dtype(np.float64) if k == "numeric" else np.dtype(object))
+            for c, k in self.manifest["inputs"].items()
+        ]
 
     @property
     def ref(self) -> str:
@@ -109,7 +132,8 @@ class Release:
         return float(self.config["threshold"])
 
     def inputs(self, data: Any) -> dict[str, np.ndarray]:
-        """ONNX inputs from a DataFrame, a mapping of columns, or a list of row dicts."""
+        """ONNX inputs from a DataFrame, a mapping of columns (lists, scalars or typed
+        numpy arrays), or a list of row dicts; conversions match training's."""
         if isinstance(data, list):
             for i, row in enumerate(data):
                 missing = [c for c in self.columns if c not in row]
@@ -118,31 +142,46 @@ class Release:
             data = {c: [row[c] for row in data] for c in self.columns}
         frame = not isinstance(data, Mapping)
         feeds: dict[str, np.ndarray] = {}
-        for col, kind in self.columns.items():
-            present = (col in data.columns) if frame else (col in data)
-            if not present:
-                raise ValidationError(f"input lacks column {col!r}; {self.ref} needs {sorted(self.columns)}.")
-            if frame:  # the same conversions as training (consortia.ml.data)
-                import pandas as pd
-
-                series = data[col]
-                if kind == "numeric":
-                    arr = pd.to_numeric(series, errors="coerce").to_numpy(dtype=np.float64).reshape(-1, 1)
-                else:
-                    arr = series.astype("string").fillna(MISSING).to_numpy(dtype=object).reshape(-1, 1)
-            else:
+        for col, kind, want in self._kinds:
+            try:
                 values = data[col]
-                arr = _column([values] if values is None or np.isscalar(values) else values, kind)
-            feeds[col] = arr
+            except KeyError:
+                raise ValidationError(f"input lacks column {col!r}; {self.ref} needs {sorted(self.columns)}.") from None
+            if type(values) is np.ndarray and values.dtype == want and values.ndim in (1, 2):
+                feeds[col] = values.reshape(-1, 1)  # already typed: no per-value work on a hot path
+            elif frame:
+                feeds[col] = _from_series(values, kind)
+            else:
+                feeds[col] = _column([values] if values is None or np.isscalar(values) else values, kind)
         lengths = {len(a) for a in feeds.values()}
         if len(lengths) > 1:
             raise ValidationError(f"input columns have different lengths {sorted(lengths)}; give one value per row.")
         return feeds
 
+    def _typed(self, data: dict[str, Any]) -> dict[str, np.ndarray] | None:
+        """``data`` itself if it already holds every column as a typed ``[rows, 1]``
+        array of one length and nothing else (the hot path of a serving loop), else None."""
+        if len(data) != len(self._kinds):
+            return None
+        n = -1
+        for col, _, want in self._kinds:
+            v = data.get(col)
+            if v.__class__ is not np.ndarray or v.dtype is not want or v.ndim != 2:
+                return None
+            if n != v.shape[0]:
+                if n != -1:
+                    return None
+                n = v.shape[0]
+        return data
+
     def predict(self, data: Any) -> np.ndarray:
         """Positive-class probabilities, one per row."""
-        feeds = self.inputs(data)
-        return self.session.run(["probability"], feeds)[0].astype(np.float64)  # type: ignore[no-any-return]
+        feeds = (self._typed(data) if type(data) is dict else None) or self.inputs(data)
+        try:
+            out = self.session.run(["probability"], feeds)[0]
+        except Exception as exc:  # onnxruntime's own exception types (e.g. None in a typed string array)
+            raise ValidationError(f"input values do not fit {self.ref}: {exc}") from exc
+        return out.astype(np.float64)  # type: ignore[no-any-return]
 
     def decide(self, data: Any) -> tuple[np.ndarray, np.ndarray]:
         """(probabilities, decisions at the release's threshold)."""
