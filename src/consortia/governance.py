@@ -9,6 +9,7 @@ this machine; releases and the audit log are verified locally against public key
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 from pathlib import Path
@@ -24,6 +25,9 @@ from consortia.protocol.governance import ApprovalRequest, approval_message, new
 
 __all__ = [
     "download_release",
+    "parse_ref",
+    "statement_digest",
+    "verify_release",
     "keygen",
     "load_private_key",
     "sign_approval",
@@ -141,3 +145,33 @@ def download_release(client: Any, model: str, version: int, directory: Path) -> 
     pub = directory / "release-p256.pub.pem"
     pub.write_text(m["public_key"])
     return bundle, sig, pub, m["release_digest"]
+
+
+def parse_ref(ref: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME:VERSION`` -> (name, version or None)."""
+    name, _, version = ref.partition(":")
+    if not name:
+        raise ValidationError(f"{ref!r} is not NAME or NAME:VERSION.")
+    if not version:
+        return name, None
+    if not version.isdigit() or int(version) < 1:
+        raise ValidationError(f"version in {ref!r} must be a positive integer, e.g. {name}:1.")
+    return name, int(version)
+
+
+def statement_digest(signature_bundle: bytes) -> tuple[str, dict[str, str]]:
+    """The subject digest and per-file digests from a model-signing bundle."""
+    bundle = json.loads(signature_bundle)
+    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
+    files = {r["name"]: r["digest"] for r in statement["predicate"]["resources"]}
+    return str(statement["subject"][0]["digest"]["sha256"]), files
+
+
+def verify_release(directory: Path, signature: Path, public_key: Path) -> None:
+    """Verify with the model-signing package; raises :class:`ValidationError` on failure."""
+    import model_signing
+
+    try:
+        model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(directory, signature)
+    except Exception as exc:  # the package raises ValueError and friends
+        raise ValidationError(f"release signature does not verify: {exc}") from exc

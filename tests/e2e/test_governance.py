@@ -68,8 +68,8 @@ def test_site_policy_release_signature_and_audit_log(federation, tmp_path):
     data[-1] ^= 0x01
     weights.write_bytes(bytes(data))
     assert subprocess.run(own, capture_output=True, timeout=120).returncode != 0
-    from consortia.coordinator.services.releases import verify_release
     from consortia.errors import ValidationError
+    from consortia.governance import verify_release
 
     with pytest.raises(ValidationError, match="does not verify"):
         verify_release(rel / "bundle", rel / "model.sig", rel / "release-p256.pub.pem")

@@ -28,7 +28,7 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
 def _ref(ref: str, need_version: bool = True) -> tuple[str, int | None]:
-    from consortia.coordinator.services.governance import parse_ref
+    from consortia.governance import parse_ref
 
     name, version = parse_ref(ref)
     if need_version and version is None:
@@ -156,8 +156,7 @@ def registry_verify(
     home: HomeOpt = None,
 ) -> None:
     """Download a release and verify its OpenSSF model-signing signature locally."""
-    from consortia.coordinator.services.releases import statement_digest, verify_release
-    from consortia.governance import download_release
+    from consortia.governance import download_release, statement_digest, verify_release
 
     name, version = _ref(ref)
     target = directory or Path(tempfile.mkdtemp(prefix=f"consortia-release-{name}-{version}-"))

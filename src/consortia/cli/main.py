@@ -13,6 +13,7 @@ from typing import Annotated, Any
 import typer
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
@@ -344,7 +345,16 @@ def main() -> None:
     try:
         app()
     except ConsortiaError as exc:
-        err.print(f"[red]error:[/] {exc.message}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(exc.message)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except ModuleNotFoundError as exc:  # a light install running a server command
+        extra = "edge" if exc.name in ("onnxruntime", "pandas", "pyarrow", "fastapi", "uvicorn") else "server"
+        err.print(
+            f"[red]error:[/] this command needs {exc.name!r}, which the installed extras lack: "
+            + escape(f"pip install 'consortia[{extra}]'."),
+            highlight=False,
+            soft_wrap=True,
+        )
         sys.exit(2)
     except KeyboardInterrupt:
         sys.exit(130)

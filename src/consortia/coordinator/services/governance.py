@@ -34,23 +34,11 @@ from consortia.store.blobs import BlobStore
 from consortia.store.entities import AuditEntry, ModelVersion, Principal, utcnow
 from consortia.store.sqlstore import SqlStore
 
-__all__ = ["APPROVAL_MAX_SKEW", "GovernanceService", "parse_ref"]
+__all__ = ["APPROVAL_MAX_SKEW", "GovernanceService"]
 
 log = logging.getLogger("consortia.coordinator.governance")
 
 APPROVAL_MAX_SKEW = timedelta(minutes=10)
-
-
-def parse_ref(ref: str) -> tuple[str, int | None]:
-    """``NAME`` or ``NAME:VERSION`` -> (name, version or None)."""
-    name, _, version = ref.partition(":")
-    if not name:
-        raise ValidationError(f"{ref!r} is not NAME or NAME:VERSION.")
-    if not version:
-        return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise ValidationError(f"version in {ref!r} must be a positive integer, e.g. {name}:1.")
-    return name, int(version)
 
 
 def _errors(exc: PydanticValidationError) -> str:

@@ -18,7 +18,6 @@ CLI: ``model_signing verify key DIR --public_key release-p256.pub.pem --signatur
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import shutil
@@ -30,30 +29,13 @@ import numpy as np
 from consortia.coordinator.keys import CoordinatorKeys
 from consortia.coordinator.services.lineage import card_markdown, model_card
 from consortia.edge.runtime import FORMAT
-from consortia.errors import NotFoundError, ValidationError
+from consortia.errors import NotFoundError
+from consortia.governance import statement_digest
 from consortia.protocol.tensors import decode
 from consortia.store.blobs import BlobStore
 from consortia.store.entities import ModelVersion
 
-__all__ = ["ReleaseBuilder", "statement_digest", "verify_release", "write_bundle"]
-
-
-def statement_digest(signature_bundle: bytes) -> tuple[str, dict[str, str]]:
-    """The subject digest and per-file digests from a model-signing bundle."""
-    bundle = json.loads(signature_bundle)
-    statement = json.loads(base64.b64decode(bundle["dsseEnvelope"]["payload"]))
-    files = {r["name"]: r["digest"] for r in statement["predicate"]["resources"]}
-    return str(statement["subject"][0]["digest"]["sha256"]), files
-
-
-def verify_release(directory: Path, signature: Path, public_key: Path) -> None:
-    """Verify with the model-signing package; raises :class:`ValidationError` on failure."""
-    import model_signing
-
-    try:
-        model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(directory, signature)
-    except Exception as exc:  # the package raises ValueError and friends
-        raise ValidationError(f"release signature does not verify: {exc}") from exc
+__all__ = ["ReleaseBuilder", "write_bundle"]
 
 
 def _dump(obj: Any) -> bytes:
