@@ -88,3 +88,52 @@ class Coord:
                     dispatch(ctx, task)
             time.sleep(0.05)
         raise AssertionError(f"job {job_id} did not finish: {self.admin.get_json(f'/v1/jobs/{job_id}')['state']}")
+
+
+def synthetic_release(directory: Path, version: int, seed: int, model: str = "test-model") -> Path:
+    """A real release bundle (ONNX + tensors + manifest) for the synthetic schema, written
+    by the coordinator's release writer without running a job (fast, for delivery tests)."""
+    from datetime import UTC, datetime
+
+    from consortia.coordinator.services.releases import write_bundle
+    from consortia.ml.recipes import init_params
+    from consortia.protocol.schemas import PreprocessingPlan
+    from consortia.store.entities import ModelVersion
+
+    plan = PreprocessingPlan(
+        numeric={"x1": (0.0, 1.0), "x2": (0.0, 2.0)},
+        categorical={"cat": ["a", "b", "c"]},
+        feature_order=["x1", "x2", "cat"],
+    )
+    spec = {**SPEC, "name": model}
+    lineage = {
+        "job": {"id": version, "spec_hash": "0" * 64, "spec": spec},
+        "preprocessing": plan.model_dump(mode="json"),
+        "tenants": {"t": {"sites": ["t"], "regulated": False, "rounds": {}, "rows": {}}},
+        "metrics": {
+            "pooled": {"pooled_auc": None, "pooled_accuracy": None, "pooled_loss": None, "n": 0},
+            "per_tenant": {},
+            "fairness": None,
+        },
+        "privacy": {"secure_aggregation": False, "differential_privacy": None, "epsilon_spent": None},
+        "rounds": [],
+        "recipe": spec["recipe"],
+        "strategy": {"name": "fedavg", "options": {}},
+        "software": {"consortia": "test", "git_revision": None},
+        "card": {},
+    }
+    v = ModelVersion(
+        version,
+        model,
+        version,
+        version,
+        f"{version:064d}",
+        lineage,
+        "candidate",
+        None,
+        datetime(2026, 1, 1, tzinfo=UTC),
+    )
+    out = directory / f"{model}-{version}"
+    out.mkdir(parents=True)
+    write_bundle(out, v, init_params("logistic_regression", plan.input_dim, {}, seed))
+    return out

@@ -25,7 +25,7 @@ import numpy as np
 
 from consortia.errors import ReleaseError, ValidationError
 
-__all__ = ["FORMAT", "MISSING", "Release", "load_release", "verify_bundle"]
+__all__ = ["FORMAT", "MISSING", "Release", "load_release", "release_target_paths", "verify_bundle"]
 
 FORMAT = "consortia-release/2"
 MISSING = "<missing>"  # how training saw a missing categorical value (consortia.ml.data.MISSING)
@@ -69,6 +69,15 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     if extra:
         raise ReleaseError(f"mixed bundle: {extra[:5]} are not parts of {manifest['model']}:{manifest['version']}.")
     return manifest  # type: ignore[no-any-return]
+
+
+def release_target_paths(manifest: dict[str, Any]) -> dict[str, str]:
+    """Bundle path -> TUF target path: tensors are shared by hash, the rest per release."""
+    base = f"releases/{manifest['model']}/{manifest['version']}"
+    out = {"manifest.json": f"{base}/manifest.json"}
+    for part in manifest["parts"]:
+        out[part["path"]] = part["path"] if part["role"] == "tensor" else f"{base}/{part['path']}"
+    return out
 
 
 def _column(values: Any, kind: str) -> np.ndarray:
