@@ -8,6 +8,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
+from datetime import timedelta
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -17,12 +18,15 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from consortia import __version__
+from consortia.coordinator.api import devices as devices_api
 from consortia.coordinator.api import jobs, registry, tasks, tenants
 from consortia.coordinator.keys import CoordinatorKeys
+from consortia.coordinator.services.devices import DeviceService
 from consortia.coordinator.services.governance import GovernanceService
 from consortia.coordinator.services.rounds import RoundService
 from consortia.coordinator.services.tenants import TenantService
 from consortia.coordinator.settings import Settings
+from consortia.coordinator.tufrepo import TufRepository
 from consortia.errors import ConsortiaError
 from consortia.store.blobs import BlobStore
 from consortia.store.db import make_engine, upgrade
@@ -56,8 +60,10 @@ def create_app(settings: Settings) -> FastAPI:
     blobs = BlobStore(settings.blob_dir)
     tenant_service = TenantService(store, settings)
     rounds = RoundService(store, blobs, max_poll_seconds=settings.max_poll_seconds)
-    governance = GovernanceService(store, blobs, keys, settings.release_dir)
+    tuf = TufRepository.open_or_create(settings.home / "tuf", blobs, settings.key_dir / "tuf")
+    governance = GovernanceService(store, blobs, keys, settings.release_dir, tuf)
     rounds.on_registered = governance.ensure_release
+    device_service = DeviceService(store, keys, tuf, settings)
     token = tenant_service.ensure_admin()
     if token is not None:
         write_admin_credential(settings.admin_credential_path, token)
@@ -83,6 +89,8 @@ def create_app(settings: Settings) -> FastAPI:
         async def ticker() -> None:
             while True:
                 try:
+                    if tuf.timestamp_expires_within(timedelta(hours=12)):
+                        tuf.refresh_timestamp()  # devices must never see it lapse while we run
                     await rounds.tick()
                 except ConsortiaError as exc:
                     log.warning("round tick: %s", exc.message)
@@ -112,6 +120,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.tenants = tenant_service
     app.state.keys = keys
     app.state.governance = governance
+    app.state.tuf = tuf
+    app.state.devices = device_service
 
     @app.exception_handler(ConsortiaError)
     async def _consortia_error(request: Request, exc: ConsortiaError) -> JSONResponse:
@@ -156,4 +166,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(tasks.router)
     app.include_router(jobs.router)
     app.include_router(registry.router)
+    app.include_router(devices_api.router)
     return app

@@ -16,7 +16,7 @@ from consortia.store.entities import Principal, utcnow
 
 __all__ = ["ROLES", "authorize", "check_tenant", "hash_token", "new_token"]
 
-ROLES = ("admin", "operator", "approver", "auditor", "promoter", "site")
+ROLES = ("admin", "operator", "approver", "auditor", "promoter", "site", "device")
 
 
 def new_token(kind: str) -> str:

@@ -3,6 +3,8 @@
 - ``audit-ed25519.pem`` signs audit-log tree heads.
 - ``release-p256.pem`` signs releases in the OpenSSF model-signing format, which accepts
   EC keys only (P-256/P-384/P-521), not Ed25519.
+- ``director-ed25519.pem`` signs per-device instructions (which release a device runs).
+- ``tuf/`` holds the TUF role keys (see :mod:`consortia.coordinator.tufrepo`).
 
 Public halves are served at ``GET /v1/keys`` and written next to the private keys, so an
 auditor can pin them out of band.
@@ -54,15 +56,21 @@ class CoordinatorKeys:
     audit: Ed25519PrivateKey
     release: ec.EllipticCurvePrivateKey
     release_key_path: Path
+    director: Ed25519PrivateKey
 
     @classmethod
     def load_or_create(cls, directory: Path) -> CoordinatorKeys:
         audit = _load_or_create(directory / "audit-ed25519.pem", Ed25519PrivateKey.generate)
         release_path = directory / "release-p256.pem"
         release = _load_or_create(release_path, lambda: ec.generate_private_key(ec.SECP256R1()))
-        if not isinstance(audit, Ed25519PrivateKey) or not isinstance(release, ec.EllipticCurvePrivateKey):
+        director = _load_or_create(directory / "director-ed25519.pem", Ed25519PrivateKey.generate)
+        if (
+            not isinstance(audit, Ed25519PrivateKey)
+            or not isinstance(release, ec.EllipticCurvePrivateKey)
+            or not isinstance(director, Ed25519PrivateKey)
+        ):
             raise ValueError(f"unexpected key types under {directory}; move the files away to create new keys.")
-        return cls(audit, release, release_path)
+        return cls(audit, release, release_path, director)
 
     def sign_head(self, message: bytes) -> bytes:
         return self.audit.sign(message)
@@ -70,6 +78,10 @@ class CoordinatorKeys:
     @property
     def audit_public_pem(self) -> str:
         return public_pem(self.audit).decode()
+
+    @property
+    def director_public_pem(self) -> str:
+        return public_pem(self.director).decode()
 
     @property
     def release_public_pem(self) -> str:

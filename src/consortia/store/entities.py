@@ -8,6 +8,7 @@ from typing import Any
 
 __all__ = [
     "Approval",
+    "Device",
     "AuditEntry",
     "Job",
     "ModelVersion",
@@ -60,6 +61,7 @@ class Principal:
     site_id: int | None
     expires_at: datetime
     revoked: bool
+    device_id: int | None = None
 
     @property
     def consortium_wide(self) -> bool:
@@ -187,3 +189,18 @@ class Policy:
     digest: str
     actor: str
     created_at: datetime
+
+
+@dataclass(frozen=True)
+class Device:
+    id: int
+    tenant_id: int
+    tenant: str
+    name: str
+    labels: dict[str, Any]
+    status: str
+    counter: int
+    instruction: dict[str, Any] | None
+    report: dict[str, Any] | None
+    created_at: datetime
+    last_seen_at: datetime | None

@@ -10,8 +10,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from consortia.errors import AuthError, ConflictError, NotFoundError
+from consortia.store.delivery import DeliveryStore
 from consortia.store.entities import Principal, Site, Tenant, utcnow
-from consortia.store.governance import GovernanceStore
 from consortia.store.models import CredentialRow, EnrollmentTokenRow, SiteRow, TenantRow
 
 __all__ = ["IdentityStore"]
@@ -21,7 +21,7 @@ def _tenant(r: TenantRow) -> Tenant:
     return Tenant(r.id, r.name, r.regulated, r.created_at)
 
 
-class IdentityStore(GovernanceStore):
+class IdentityStore(DeliveryStore):
     """Tenants, sites and credentials; expects ``_tx()`` and ``_sign`` like its base."""
 
     # ------------------------------------------------------------------ tenants and sites
@@ -67,16 +67,24 @@ class IdentityStore(GovernanceStore):
     # ------------------------------------------------------------------ credentials
 
     def add_enrollment_token(
-        self, tenant_id: int, tenant: str, token_hash: str, expires_at: datetime, actor: str
+        self, tenant_id: int, tenant: str, token_hash: str, expires_at: datetime, actor: str, kind: str = "site"
     ) -> None:
         with self._tx() as s:
-            self._audit(s, actor, tenant, "enrollment_token.issued", tenant, {"expires_at": expires_at.isoformat()})
+            self._audit(
+                s,
+                actor,
+                tenant,
+                "enrollment_token.issued",
+                tenant,
+                {"expires_at": expires_at.isoformat(), "kind": kind},
+            )
             s.add(
                 EnrollmentTokenRow(
                     token_hash=token_hash,
                     tenant_id=tenant_id,
                     created_at=utcnow(),
                     expires_at=expires_at,
+                    kind=kind,
                 )
             )
 
@@ -125,6 +133,8 @@ class IdentityStore(GovernanceStore):
                 raise AuthError("enrollment token was already used; each token enrolls one site.")
             if tok.expires_at < now:
                 raise AuthError("enrollment token has expired; ask for a new one.")
+            if tok.kind != "site":
+                raise AuthError(f"this enrollment token is for a {tok.kind}, not a site.")
             tenant = s.get(TenantRow, tok.tenant_id)
             assert tenant is not None
             exists = s.scalar(select(SiteRow).where(SiteRow.tenant_id == tenant.id, SiteRow.name == site_name))
@@ -176,4 +186,5 @@ class IdentityStore(GovernanceStore):
                 c.site_id,
                 c.expires_at,
                 c.revoked_at is not None,
+                c.device_id,
             )

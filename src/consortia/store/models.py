@@ -24,6 +24,7 @@ __all__ = [
     "AuditRow",
     "Base",
     "CredentialRow",
+    "DeviceRow",
     "EnrollmentTokenRow",
     "JobEventRow",
     "JobRow",
@@ -89,6 +90,7 @@ class CredentialRow(Base):
     role: Mapped[str] = mapped_column(String(16))
     tenant_id: Mapped[int | None] = mapped_column(ForeignKey("tenants.id"), index=True)
     site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id"), index=True)
+    device_id: Mapped[int | None] = mapped_column(ForeignKey("devices.id"), index=True)
     created_at: Mapped[datetime]
     expires_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
@@ -105,6 +107,7 @@ class EnrollmentTokenRow(Base):
     expires_at: Mapped[datetime]
     used_at: Mapped[datetime | None]
     site_id: Mapped[int | None] = mapped_column(ForeignKey("sites.id"))
+    kind: Mapped[str] = mapped_column(String(16), default="site", server_default="site")
 
 
 class JobRow(Base):
@@ -297,3 +300,25 @@ class ApprovalRow(Base):
     key_fingerprint: Mapped[str] = mapped_column(String(64))
     actor: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime]
+
+
+# ---------------------------------------------------------------------------- delivery
+
+
+class DeviceRow(Base):
+    """An edge device enrolled under a tenant. ``instruction`` is the latest signed
+    director instruction for it (its ``counter`` only grows); ``report`` is what the
+    device last said it serves."""
+
+    __tablename__ = "devices"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    labels: Mapped[dict[str, Any]]
+    status: Mapped[str] = mapped_column(String(16), default="active")
+    counter: Mapped[int] = mapped_column(Integer, default=0)
+    instruction: Mapped[dict[str, Any] | None]
+    report: Mapped[dict[str, Any] | None]
+    created_at: Mapped[datetime]
+    last_seen_at: Mapped[datetime | None]

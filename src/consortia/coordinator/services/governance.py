@@ -25,6 +25,7 @@ from consortia.coordinator.auth import check_tenant
 from consortia.coordinator.keys import CoordinatorKeys
 from consortia.coordinator.services.lineage import card_markdown, model_card
 from consortia.coordinator.services.releases import ReleaseBuilder
+from consortia.coordinator.tufrepo import TufRepository
 from consortia.core.audit import canonical
 from consortia.core.merkle import inclusion_proof, root
 from consortia.core.promotion import Facts, PromotionPolicy, evaluate
@@ -46,23 +47,34 @@ def _errors(exc: PydanticValidationError) -> str:
 
 
 class GovernanceService:
-    def __init__(self, store: SqlStore, blobs: BlobStore, keys: CoordinatorKeys, release_root: Path) -> None:
+    def __init__(
+        self, store: SqlStore, blobs: BlobStore, keys: CoordinatorKeys, release_root: Path, tuf: TufRepository
+    ) -> None:
         self.store = store
         self.keys = keys
         self.releases = ReleaseBuilder(release_root, blobs, keys)
+        self.tuf = tuf
 
     # ------------------------------------------------------------------ releases
 
     def ensure_release(self, v: ModelVersion) -> ModelVersion:
+        """Build and sign the release, then publish it in the TUF repository for devices."""
         digest, files = self.releases.build(v)
-        self.store.set_release(v, digest, {"files": files})
+        self.tuf.publish_bundle(self.releases.paths(v)[0])
+        self.store.set_release(v, digest, {"files": files, "tuf_targets_version": self.tuf.targets.signed.version})
         return self.store.get_version(v.model, v.version)
 
     def recover(self) -> None:
-        """Sign releases of versions registered just before a crash."""
+        """Sign (and publish) releases of versions registered just before a crash, and
+        publish signed releases the TUF repository lacks."""
         for v in self.store.versions_without_release():
             log.warning("signing the release of %s (missing after a restart)", v.ref)
             self.ensure_release(v)
+        for name, _, _ in self.store.list_models():
+            for v in self.store.list_versions(name):
+                key = f"releases/{v.model}/{v.version}/manifest.json"
+                if v.release_digest and key not in self.tuf.targets.signed.targets:
+                    self.tuf.publish_bundle(self.releases.paths(v)[0])
 
     # ------------------------------------------------------------------ reads
 

@@ -1,0 +1,73 @@
+"""Edge devices and the TUF repository they update from.
+
+Device ids in instructions are ``tenant/device-name``. Writes are ``async`` (store
+writes on the event loop: see api/registry.py)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import Response
+
+from consortia.coordinator.api.deps import principal_with
+from consortia.coordinator.services.devices import DeviceService
+from consortia.protocol.delivery import AssignRequest, DeviceEnrolled, DeviceEnrollRequest, DeviceReport
+from consortia.store.entities import Principal
+
+router = APIRouter(prefix="/v1", tags=["delivery"])
+
+
+def _devices(request: Request) -> DeviceService:
+    return request.app.state.devices  # type: ignore[no-any-return]
+
+
+Devices = Annotated[DeviceService, Depends(_devices)]
+DevicePrincipal = Annotated[Principal, principal_with("device")]
+Operator = Annotated[Principal, principal_with("operator")]
+Reader = Annotated[Principal, principal_with("operator", "auditor", "approver", "promoter")]
+Anyone = Annotated[Principal, principal_with("operator", "auditor", "approver", "promoter", "site", "device")]
+
+
+@router.post("/tenants/{tenant}/device-enrollment-tokens", status_code=201)
+async def device_token(tenant: str, devices: Devices, who: Operator) -> dict[str, Any]:
+    """A one-time token that enrolls one edge device under ``tenant``."""
+    return devices.enrollment_token(who, tenant)
+
+
+@router.post("/devices/enroll", status_code=201, response_model=DeviceEnrolled)
+async def enroll(body: DeviceEnrollRequest, devices: Devices) -> DeviceEnrolled:
+    """Exchange a device enrollment token for a credential, the TUF root and the director key."""
+    return devices.enroll(body)
+
+
+@router.get("/devices/me/instruction")
+def instruction(devices: Devices, who: DevicePrincipal) -> dict[str, Any]:
+    """The latest signed instruction for the calling device (or null)."""
+    return {"signed": devices.instruction(who)}
+
+
+@router.post("/devices/me/report")
+async def report(body: DeviceReport, devices: Devices, who: DevicePrincipal) -> dict[str, Any]:
+    return devices.report(who, body)
+
+
+@router.get("/devices")
+def list_devices(devices: Devices, who: Reader) -> list[dict[str, Any]]:
+    return devices.list(who)
+
+
+@router.post("/devices/assign")
+async def assign(body: AssignRequest, devices: Devices, who: Operator) -> list[dict[str, Any]]:
+    """Sign instructions to run a release on every device matching the selector."""
+    return devices.assign(who, body)
+
+
+@router.get("/tuf/metadata/{name}")
+def tuf_metadata(name: str, request: Request, _: Anyone) -> Response:
+    return Response(request.app.state.tuf.metadata(name), media_type="application/json")
+
+
+@router.get("/tuf/targets/{path:path}")
+def tuf_target(path: str, request: Request, _: Anyone) -> Response:
+    return Response(request.app.state.tuf.target(path), media_type="application/octet-stream")

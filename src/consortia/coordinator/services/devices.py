@@ -1,0 +1,119 @@
+"""Edge devices: enrollment (pinning the TUF root and the director key), signed
+per-device instructions (the director), and reports of what each device serves."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+from consortia.coordinator.auth import check_tenant, hash_token, new_token
+from consortia.coordinator.keys import CoordinatorKeys
+from consortia.coordinator.settings import Settings
+from consortia.coordinator.tufrepo import TufRepository
+from consortia.edge.updater import sign_instruction
+from consortia.errors import ConflictError, PermissionDeniedError, ValidationError
+from consortia.protocol.delivery import AssignRequest, DeviceEnrolled, DeviceEnrollRequest, DeviceReport
+from consortia.store.entities import Device, Principal, utcnow
+from consortia.store.sqlstore import SqlStore
+
+__all__ = ["INSTRUCTION_TTL", "DeviceService"]
+
+INSTRUCTION_TTL = timedelta(days=30)
+
+
+def device_public(d: Device) -> dict[str, Any]:
+    body = (d.instruction or {}).get("instruction") or {}
+    release = body.get("release")
+    return {
+        "id": d.id,
+        "name": d.name,
+        "tenant": d.tenant,
+        "labels": d.labels,
+        "assigned": f"{release['model']}:{release['version']}" if release else None,
+        "counter": d.counter,
+        "report": d.report,
+        "last_seen_at": d.last_seen_at.isoformat() if d.last_seen_at else None,
+    }
+
+
+class DeviceService:
+    def __init__(self, store: SqlStore, keys: CoordinatorKeys, tuf: TufRepository, settings: Settings) -> None:
+        self.store = store
+        self.keys = keys
+        self.tuf = tuf
+        self.settings = settings
+
+    def enrollment_token(self, principal: Principal, tenant: str) -> dict[str, Any]:
+        t = self.store.get_tenant(tenant)
+        check_tenant(principal, t.id)
+        token = new_token("enroll")
+        expires = utcnow() + timedelta(hours=self.settings.enrollment_ttl_hours)
+        self.store.add_enrollment_token(t.id, t.name, hash_token(token), expires, principal.name, kind="device")
+        return {"tenant": t.name, "token": token, "expires_at": expires.isoformat(), "kind": "device"}
+
+    def enroll(self, req: DeviceEnrollRequest) -> DeviceEnrolled:
+        credential = new_token("device")
+        expires = utcnow() + timedelta(days=self.settings.site_credential_ttl_days)
+        d = self.store.enroll_device(
+            hash_token(req.enrollment_token), req.device_name, req.labels, hash_token(credential), expires
+        )
+        return DeviceEnrolled(
+            device_id=d.id,
+            device_name=d.name,
+            tenant=d.tenant,
+            credential=credential,
+            tuf_root=self.tuf.trusted_root.decode(),
+            director_public_key=self.keys.director_public_pem,
+        )
+
+    def _me(self, principal: Principal) -> Device:
+        if principal.role != "device" or principal.device_id is None:
+            raise PermissionDeniedError("only a device credential may do this.")
+        return self.store.get_device(principal.device_id)
+
+    def instruction(self, principal: Principal) -> dict[str, Any] | None:
+        return self._me(principal).instruction
+
+    def report(self, principal: Principal, report: DeviceReport) -> dict[str, Any]:
+        d = self._me(principal)
+        self.store.report_device(d.id, report.model_dump(mode="json"))
+        return {"status": "recorded", "counter": d.counter}
+
+    def list(self, principal: Principal) -> list[dict[str, Any]]:
+        return [device_public(d) for d in self.store.list_devices(principal.tenant_id)]
+
+    def assign(self, principal: Principal, req: AssignRequest) -> list[dict[str, Any]]:
+        """Sign an instruction to run ``model:version`` for every matching device."""
+        v = self.store.get_version(req.model, req.version)
+        if v.release_digest is None:
+            raise ConflictError(f"{v.ref} has no signed release yet; nothing to deliver.")
+        if f"releases/{v.model}/{v.version}/manifest.json" not in self.tuf.targets.signed.targets:
+            raise ConflictError(f"{v.ref} is not published in the TUF repository yet.")
+        tenant_id = None
+        if req.tenant is not None:
+            tenant_id = self.store.get_tenant(req.tenant).id
+            check_tenant(principal, tenant_id)
+        elif principal.tenant_id is not None:
+            tenant_id = principal.tenant_id
+        devices = [
+            d
+            for d in self.store.list_devices(tenant_id)
+            if d.status == "active"
+            and all(d.labels.get(k) == val for k, val in req.selector.items())
+            and (req.devices is None or d.name in req.devices)
+        ]
+        if not devices:
+            raise ValidationError("no active device matches that selector; see `consortia edge list`.")
+        release = {"model": v.model, "version": v.version, "release_digest": v.release_digest}
+        out = []
+        for d in devices:
+            device_id = f"{d.tenant}/{d.name}"
+            updated = self.store.instruct(
+                d.id,
+                lambda counter, device_id=device_id: sign_instruction(
+                    self.keys.director, device_id, counter, release, utcnow() + INSTRUCTION_TTL
+                ),
+                principal.name,
+            )
+            out.append(device_public(updated))
+        return out

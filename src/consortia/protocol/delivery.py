@@ -1,0 +1,77 @@
+"""Wire schemas for edge devices: enrollment, reports, assignments."""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from consortia.protocol.schemas import Name
+
+__all__ = ["AssignRequest", "DeviceEnrollRequest", "DeviceEnrolled", "DeviceReport", "parse_labels"]
+
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
+
+
+def _check_labels(labels: dict[str, str]) -> dict[str, str]:
+    if len(labels) > 32:
+        raise ValueError("at most 32 labels")
+    for k, v in labels.items():
+        if not _LABEL.match(k) or not _LABEL.match(v):
+            raise ValueError(f"label {k}={v}: keys and values are 1-63 of [A-Za-z0-9_.-]")
+    return labels
+
+
+def parse_labels(text: str) -> dict[str, str]:
+    """``region=eu,device=scanner`` -> ``{"region": "eu", "device": "scanner"}``."""
+    out: dict[str, str] = {}
+    for item in filter(None, (p.strip() for p in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"label {item!r} is not key=value")
+        out[key.strip()] = value.strip()
+    return _check_labels(out)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DeviceEnrollRequest(_Strict):
+    enrollment_token: str = Field(min_length=10, max_length=200)
+    device_name: Name
+    labels: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("labels")
+    @classmethod
+    def _labels(cls, v: dict[str, str]) -> dict[str, str]:
+        return _check_labels(v)
+
+
+class DeviceEnrolled(BaseModel):
+    device_id: int
+    device_name: str
+    tenant: str
+    credential: str
+    tuf_root: str = Field(description="the TUF root the device pins (JSON text)")
+    director_public_key: str = Field(description="PEM of the key that signs device instructions")
+
+
+class DeviceReport(_Strict):
+    state: Literal["idle", "serving", "installing", "failed"]
+    serving: str | None = Field(default=None, max_length=200, description="model:version being served")
+    reason: str | None = Field(default=None, max_length=2000)
+    counter: int = Field(default=0, ge=0, description="last instruction counter applied")
+    predictions: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    latency_p50: float | None = Field(default=None, ge=0)
+    latency_p99: float | None = Field(default=None, ge=0)
+
+
+class AssignRequest(_Strict):
+    model: Name
+    version: int = Field(ge=1)
+    selector: dict[str, str] = Field(default_factory=dict, description="labels a device must carry")
+    tenant: str | None = None
+    devices: list[str] | None = Field(default=None, description="or name devices explicitly")

@@ -1,0 +1,135 @@
+"""Store methods for edge devices: enrollment, signed director instructions, reports
+(mixed into :class:`~consortia.store.sqlstore.SqlStore`; changes are audited)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+
+from consortia.errors import AuthError, ConflictError, NotFoundError
+from consortia.store.entities import Device, utcnow
+from consortia.store.governance import GovernanceStore
+from consortia.store.models import CredentialRow, DeviceRow, EnrollmentTokenRow, TenantRow
+
+__all__ = ["DeliveryStore"]
+
+
+def _device(r: DeviceRow, tenant: str) -> Device:
+    return Device(
+        r.id,
+        r.tenant_id,
+        tenant,
+        r.name,
+        r.labels,
+        r.status,
+        r.counter,
+        r.instruction,
+        r.report,
+        r.created_at,
+        r.last_seen_at,
+    )
+
+
+class DeliveryStore(GovernanceStore):
+    """Devices; expects ``_tx()`` and ``_sign`` like its base."""
+
+    def enroll_device(
+        self, enrollment_hash: str, name: str, labels: Mapping[str, str], credential_hash: str, expires_at: datetime
+    ) -> Device:
+        """Consume a one-time device enrollment token; create the device and its credential."""
+        now = utcnow()
+        try:
+            with self._tx() as s:
+                tok = s.scalar(select(EnrollmentTokenRow).where(EnrollmentTokenRow.token_hash == enrollment_hash))
+                if tok is None or tok.used_at is not None or tok.expires_at < now:
+                    raise AuthError("device enrollment token is not valid, used or expired; ask for a new one.")
+                if tok.kind != "device":
+                    raise AuthError(f"this enrollment token is for a {tok.kind}, not a device.")
+                tenant = s.get(TenantRow, tok.tenant_id)
+                assert tenant is not None
+                row = DeviceRow(
+                    tenant_id=tenant.id, name=name, labels=dict(labels), status="active", counter=0, created_at=now
+                )
+                s.add(row)
+                s.flush()
+                done = s.execute(
+                    update(EnrollmentTokenRow)
+                    .where(EnrollmentTokenRow.id == tok.id, EnrollmentTokenRow.used_at.is_(None))
+                    .values(used_at=now)
+                )
+                if done.rowcount != 1:  # type: ignore[attr-defined]
+                    raise AuthError("device enrollment token was already used.")
+                s.add(
+                    CredentialRow(
+                        token_hash=credential_hash,
+                        name=f"device:{name}",
+                        role="device",
+                        tenant_id=tenant.id,
+                        device_id=row.id,
+                        created_at=now,
+                        expires_at=expires_at,
+                    )
+                )
+                self._audit(s, f"device:{name}", tenant.name, "device.enrolled", name, {"labels": dict(labels)})
+                return _device(row, tenant.name)
+        except IntegrityError as exc:
+            raise ConflictError(f"a device named {name!r} already exists in this tenant; choose another name.") from exc
+
+    def list_devices(self, tenant_id: int | None = None) -> list[Device]:
+        with self._tx() as s:
+            q = select(DeviceRow, TenantRow.name).join(TenantRow).order_by(DeviceRow.id)
+            if tenant_id is not None:
+                q = q.where(DeviceRow.tenant_id == tenant_id)
+            return [_device(r, t) for r, t in s.execute(q)]
+
+    def get_device(self, device_id: int) -> Device:
+        with self._tx() as s:
+            row = s.execute(select(DeviceRow, TenantRow.name).join(TenantRow).where(DeviceRow.id == device_id)).first()
+            if row is None:
+                raise NotFoundError(f"device {device_id} not found.")
+            return _device(*row)
+
+    def instruct(self, device_id: int, build: Callable[[int], dict[str, Any]], actor: str) -> Device:
+        """Store a new signed instruction built for the next counter value (atomically)."""
+        with self._tx() as s:
+            row = s.get(DeviceRow, device_id)
+            if row is None:
+                raise NotFoundError(f"device {device_id} not found.")
+            tenant = s.get(TenantRow, row.tenant_id)
+            assert tenant is not None
+            row.counter += 1
+            row.instruction = build(row.counter)
+            self._audit(
+                s,
+                actor,
+                tenant.name,
+                "device.instructed",
+                row.name,
+                {"counter": row.counter, "release": row.instruction["instruction"]["release"]},
+            )
+            s.flush()
+            return _device(row, tenant.name)
+
+    def report_device(self, device_id: int, report: dict[str, Any]) -> None:
+        """Record a device's report; audit when what it serves or its state changes."""
+        with self._tx() as s:
+            row = s.get(DeviceRow, device_id)
+            if row is None:
+                raise NotFoundError(f"device {device_id} not found.")
+            before = row.report or {}
+            row.report = report
+            row.last_seen_at = utcnow()
+            if (before.get("serving"), before.get("state")) != (report.get("serving"), report.get("state")):
+                tenant = s.get(TenantRow, row.tenant_id)
+                self._audit(
+                    s,
+                    f"device:{row.name}",
+                    tenant.name if tenant else None,
+                    "device.state",
+                    row.name,
+                    {"serving": report.get("serving"), "state": report.get("state"), "reason": report.get("reason")},
+                )
