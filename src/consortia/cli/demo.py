@@ -45,6 +45,8 @@ class Federation:
         self.env = {**os.environ, **(env or {})}
         self.coordinator: subprocess.Popen[bytes] | None = None
         self.sites: dict[str, subprocess.Popen[bytes]] = {}
+        self.edges: dict[str, subprocess.Popen[bytes]] = {}
+        self.edge_ports: dict[str, int] = {}
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -115,6 +117,32 @@ class Federation:
             args += ["--policy", str(policy)]
         self.sites[name] = self._spawn(args, f"site-{name}.log")
 
+    def start_edge(self, name: str, token: str | None, labels: str, port: int, poll_seconds: float = 1.0) -> None:
+        """An edge agent process with its own home and serving port."""
+        args = [
+            "edge",
+            "run",
+            "--coordinator",
+            self.url,
+            "--home",
+            str(self.workdir / "edges" / name),
+            "--name",
+            name,
+            "--labels",
+            labels,
+            "--port",
+            str(port),
+            "--poll-seconds",
+            str(poll_seconds),
+        ]
+        if token:
+            args += ["--token", token]
+        self.edges[name] = self._spawn(args, f"edge-{name}.log")
+        self.edge_ports[name] = port
+
+    def edge_token(self, name: str) -> str:
+        return (self.workdir / "edges" / name / "serving.token").read_text().strip()
+
     def kill_site(self, name: str) -> None:
         proc = self.sites[name]
         if proc.poll() is None:
@@ -122,7 +150,7 @@ class Federation:
         proc.wait(timeout=30)
 
     def stop(self) -> None:
-        procs = [*self.sites.values(), *([self.coordinator] if self.coordinator else [])]
+        procs = [*self.edges.values(), *self.sites.values(), *([self.coordinator] if self.coordinator else [])]
         for p in procs:
             if p.poll() is None:
                 p.terminate()

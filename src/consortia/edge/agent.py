@@ -1,0 +1,202 @@
+"""The edge agent: enroll once, then follow signed instructions, install releases through
+TUF, and serve ``POST /v1/predict`` from the last known good release, coordinator or not.
+
+Home layout (``--home``): ``device.json`` (credential, mode 0600), ``tuf/`` (trusted
+metadata: rollback protection lives here), ``targets/`` (downloaded files, shared by
+releases), ``releases/<model>-<version>/`` (assembled, verified bundles),
+``current.json`` (the last known good release and the last instruction counter applied,
+replaced atomically), ``director.pub.pem``, ``serving.token``.
+
+Installing: verify the instruction (director signature, this device, newer counter),
+fetch the release through TUF (only missing files move), verify the bundle, load it and
+run its signed smoke test, and only then switch serving to it and persist it as last
+known good. Any failure leaves the device serving what it served and reports why.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from consortia.edge.runtime import load_release
+from consortia.edge.updater import CallableFetcher, SecureUpdater, verify_instruction
+from consortia.errors import AuthError, ConsortiaError, CoordinatorUnavailable
+
+__all__ = ["EdgeAgent"]
+
+log = logging.getLogger("consortia.edge")
+
+
+def _write_private(path: Path, data: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(data)
+    tmp.replace(path)
+
+
+class EdgeAgent:
+    """One device. ``run()`` polls until :attr:`stop` is set; serving runs alongside."""
+
+    def __init__(
+        self,
+        coordinator: str,
+        home: Path,
+        *,
+        token: str | None = None,
+        name: str | None = None,
+        labels: dict[str, str] | None = None,
+        poll_seconds: float = 5.0,
+        serving_token: str | None = None,
+    ) -> None:
+        from consortia.site.client import CoordinatorClient
+
+        self.coordinator = coordinator.rstrip("/")
+        self.home = home
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.poll_seconds = poll_seconds
+        self.stop = threading.Event()
+        ident = self._identity(token, name, labels or {})
+        self.device_id = f"{ident['tenant']}/{ident['name']}"
+        self.client = CoordinatorClient(self.coordinator, ident["credential"], timeout=30.0)
+        self.director = serialization.load_pem_public_key((home / "director.pub.pem").read_bytes())
+        assert isinstance(self.director, Ed25519PublicKey)
+        self.fetcher = CallableFetcher(self._get)
+        self.updater = SecureUpdater(home, self.fetcher, base_url=f"{self.coordinator}/v1/tuf")
+        token_path = home / "serving.token"
+        if serving_token is None:
+            if not token_path.exists():
+                _write_private(token_path, secrets.token_urlsafe(32))
+            serving_token = token_path.read_text().strip()
+        self.serving_token = serving_token
+        self.state = self._lkg()
+        self.reason: str | None = None
+        self.status = "serving" if self.state["release"] else "idle"
+        from consortia.edge.serving import create_serving_app
+
+        self.release = None
+        if self.state["release"]:
+            try:
+                self.release = load_release(self._dir(self.state["release"]))
+            except ConsortiaError as exc:  # the last known good bundle was damaged on disk
+                self.status, self.reason = "failed", f"last known good release unusable: {exc.message}"
+        self.app = create_serving_app(self.release, serving_token)
+
+    # ------------------------------------------------------------------ identity and state
+
+    def _identity(self, token: str | None, name: str | None, labels: dict[str, str]) -> dict[str, Any]:
+        path = self.home / "device.json"
+        if path.exists():
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        if not token or not name:
+            raise AuthError(f"no credential in {path}: pass the device enrollment --token and a --name.")
+        from consortia.site.client import CoordinatorClient
+
+        with CoordinatorClient(self.coordinator) as c:
+            out = c.post_json("/v1/devices/enroll", {"enrollment_token": token, "device_name": name, "labels": labels})
+        (self.home / "tuf").mkdir(parents=True, exist_ok=True)
+        (self.home / "tuf" / "root.json").write_text(out["tuf_root"])
+        (self.home / "director.pub.pem").write_text(out["director_public_key"])
+        ident = {"tenant": out["tenant"], "name": out["device_name"], "credential": out["credential"], "labels": labels}
+        _write_private(path, json.dumps(ident))
+        log.info("enrolled as device %s/%s", out["tenant"], out["device_name"])
+        return ident
+
+    def _lkg(self) -> dict[str, Any]:
+        path = self.home / "current.json"
+        if path.exists():
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        return {"release": None, "counter": 0}
+
+    def _save_lkg(self) -> None:
+        tmp = self.home / "current.json.tmp"
+        tmp.write_text(json.dumps(self.state))
+        tmp.replace(self.home / "current.json")
+
+    def _dir(self, release: dict[str, Any]) -> Path:
+        return self.home / "releases" / f"{release['model']}-{release['version']}"
+
+    def _get(self, url: str) -> tuple[int, bytes]:
+        path = url[len(self.coordinator) :]
+        try:
+            return 200, self.client.request("GET", path).content
+        except CoordinatorUnavailable:
+            raise
+        except ConsortiaError as exc:
+            return getattr(exc, "status", 404), b""
+
+    # ------------------------------------------------------------------ the loop
+
+    def step(self) -> None:
+        """One poll: fetch the instruction, install if it names a new release, report."""
+        signed = self.client.get_json("/v1/devices/me/instruction")["signed"]
+        if signed is not None and signed["instruction"].get("counter", 0) > self.state["counter"]:
+            try:
+                body = verify_instruction(self.director, signed, self.device_id, self.state["counter"])
+                self._apply(body)
+            except ConsortiaError as exc:
+                self.status, self.reason = ("serving" if self.release else "failed"), exc.message
+                log.warning("instruction not applied: %s", exc.message)
+            except Exception as exc:  # a TUF refusal (rollback, freeze, bad signature, hash mismatch)
+                self.status, self.reason = ("serving" if self.release else "failed"), f"{type(exc).__name__}: {exc}"
+                log.warning("update refused: %s", self.reason)
+        self.report()
+
+    def _apply(self, body: dict[str, Any]) -> None:
+        release = body["release"]
+        if release is None or (
+            self.state["release"]
+            and (release["model"], release["version"])
+            == (self.state["release"]["model"], self.state["release"]["version"])
+        ):
+            self.state["counter"] = body["counter"]
+            self._save_lkg()
+            return
+        self.status = "installing"
+        target = self._dir(release)
+        self.updater.fetch_release(release["model"], release["version"], target)
+        new = load_release(target)  # verifies again and runs the signed smoke test
+        self.app.state.serving.activate(new)
+        self.release = new
+        self.state = {"release": {"model": release["model"], "version": release["version"]}, "counter": body["counter"]}
+        self._save_lkg()
+        self.status, self.reason = "serving", None
+        log.info("now serving %s", new.ref)
+
+    def report(self) -> None:
+        serving = self.app.state.serving
+        lat = serving.latency.summary()
+        self.client.post_json(
+            "/v1/devices/me/report",
+            {
+                "state": self.status,
+                "serving": self.release.ref if self.release else None,
+                "reason": self.reason,
+                "counter": self.state["counter"],
+                "predictions": serving.predictions,
+                "errors": serving.errors,
+                "latency_p50": lat["p50"],
+                "latency_p99": lat["p99"],
+            },
+        )
+
+    def run(self) -> None:
+        delay = 0.5
+        while not self.stop.is_set():
+            try:
+                self.step()
+                delay = 0.5
+                self.stop.wait(self.poll_seconds)
+            except CoordinatorUnavailable as exc:  # keep serving the last known good release
+                log.warning("%s; still serving %s", exc.message, self.release.ref if self.release else "nothing")
+                self.stop.wait(delay)
+                delay = min(delay * 2, 30.0)
