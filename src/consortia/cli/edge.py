@@ -14,7 +14,7 @@ from rich.table import Table
 from consortia.cli.common import DEFAULT_URL, CoordinatorOpt, HomeOpt, TokenOpt, client, console, err
 from consortia.errors import ValidationError
 
-__all__ = ["edge_app"]
+__all__ = ["edge_app", "rollout_app"]
 
 edge_app = typer.Typer(help="Edge devices: run an agent, assign releases, list the fleet.", no_args_is_help=True)
 
@@ -134,3 +134,80 @@ def edge_list(
             d["last_seen_at"] or "-",
         )
     console.print(table)
+
+
+rollout_app = typer.Typer(help="Progressive delivery: canary and blue-green rollouts.", no_args_is_help=True)
+
+
+def _print_rollout(r: dict) -> None:
+    p = r["progress"]
+    steps = r["plan"]["steps"]
+    console.print(
+        f"rollout {r['id']}: {r['model']}:{r['version']} [bold]{r['state']}[/] "
+        f"(step {min(p['step'] + 1, len(steps))}/{len(steps)}, {len(p['moved'])}/{len(p['cohort'])} devices"
+        f" moved, previous {p['previous'] and str(p['previous']['model']) + ':' + str(p['previous']['version'])})"
+    )
+    if r["reason"]:
+        console.print(f"reason: {r['reason']}")
+    for h in p["history"]:
+        console.print(f"  done: {h}")
+    for s in p["samples"]:
+        console.print(f"  sample: {s['verdict']} {s['values']} {'; '.join(s['reasons'])}")
+
+
+@rollout_app.command("start")
+def rollout_start(
+    ref: Annotated[str, typer.Argument(help="MODEL:VERSION")],
+    plan: Annotated[Path, typer.Option(help="rollout plan (YAML)")],
+    coordinator: CoordinatorOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Start rolling MODEL:VERSION out to the plan's cohort, step by step."""
+    from consortia.cli.governance import read_yaml
+    from consortia.governance import parse_ref
+
+    model, version = parse_ref(ref)
+    if version is None:
+        raise ValidationError(f"give MODEL:VERSION, not {ref!r}.")
+    with client(coordinator, token, home) as c:
+        r = c.post_json("/v1/rollouts", {"model": model, "version": version, "plan": read_yaml(plan)})
+    _print_rollout(r)
+
+
+@rollout_app.command("status")
+def rollout_status(
+    rollout_id: Annotated[int | None, typer.Argument()] = None,
+    coordinator: CoordinatorOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    home: HomeOpt = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """One rollout in detail, or all of them."""
+    with client(coordinator, token, home) as c:
+        out = c.get_json(f"/v1/rollouts/{rollout_id}") if rollout_id else c.get_json("/v1/rollouts")
+    if as_json:
+        print(json.dumps(out, indent=2))
+        return
+    for r in [out] if rollout_id else out:
+        _print_rollout(r)
+
+
+def _action(action: str):  # type: ignore[no-untyped-def]
+    def command(
+        rollout_id: int, coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None
+    ) -> None:
+        with client(coordinator, token, home) as c:
+            _print_rollout(c.post_json(f"/v1/rollouts/{rollout_id}/{action}", {}))
+
+    command.__doc__ = {
+        "pause": "Pause a running rollout where it is.",
+        "resume": "Resume a paused rollout.",
+        "abort": "Stop a rollout and return its devices to the previous release.",
+        "rollback": "Return every device the rollout moved to the previous release.",
+    }[action]
+    return command
+
+
+for _name in ("pause", "resume", "abort", "rollback"):
+    rollout_app.command(_name)(_action(_name))

@@ -20,7 +20,7 @@ from rich.table import Table
 from consortia.cli import serving
 from consortia.cli.common import DEFAULT_URL, CoordinatorOpt, HomeOpt, TokenOpt, console, err
 from consortia.cli.common import client as _client
-from consortia.cli.edge import edge_app
+from consortia.cli.edge import edge_app, rollout_app
 from consortia.cli.governance import approver_app, audit_app, export_app, policy_app, registry_app
 from consortia.errors import ConsortiaError
 
@@ -43,6 +43,7 @@ app.add_typer(approver_app, name="approver")
 app.add_typer(audit_app, name="audit")
 app.add_typer(export_app, name="export")
 app.add_typer(edge_app, name="edge")
+app.add_typer(rollout_app, name="rollout")
 app.command("predict")(serving.predict)
 app.command("serve")(serving.serve)
 

@@ -23,6 +23,7 @@ from consortia.coordinator.api import jobs, registry, tasks, tenants
 from consortia.coordinator.keys import CoordinatorKeys
 from consortia.coordinator.services.devices import DeviceService
 from consortia.coordinator.services.governance import GovernanceService
+from consortia.coordinator.services.rollouts import RolloutService
 from consortia.coordinator.services.rounds import RoundService
 from consortia.coordinator.services.tenants import TenantService
 from consortia.coordinator.settings import Settings
@@ -64,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     governance = GovernanceService(store, blobs, keys, settings.release_dir, tuf)
     rounds.on_registered = governance.ensure_release
     device_service = DeviceService(store, keys, tuf, settings)
+    rollout_service = RolloutService(store, device_service)
     token = tenant_service.ensure_admin()
     if token is not None:
         write_admin_credential(settings.admin_credential_path, token)
@@ -92,6 +94,7 @@ def create_app(settings: Settings) -> FastAPI:
                     if tuf.timestamp_expires_within(timedelta(hours=12)):
                         tuf.refresh_timestamp()  # devices must never see it lapse while we run
                     await rounds.tick()
+                    rollout_service.tick()
                 except ConsortiaError as exc:
                     log.warning("round tick: %s", exc.message)
                 except Exception:
@@ -122,6 +125,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.governance = governance
     app.state.tuf = tuf
     app.state.devices = device_service
+    app.state.rollouts = rollout_service
 
     @app.exception_handler(ConsortiaError)
     async def _consortia_error(request: Request, exc: ConsortiaError) -> JSONResponse:

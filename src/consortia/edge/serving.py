@@ -66,18 +66,32 @@ class LatencyHistogram:
         return {"count": self.total, "p50": self.quantile(0.5), "p95": self.quantile(0.95), "p99": self.quantile(0.99)}
 
 
+PRED_BINS = 10
+
+
 @dataclass
 class ServingState:
-    """The release being served and its counters; ``activate`` swaps it atomically."""
+    """The release being served and its counters since it was activated (so rollout
+    analysis sees the new release's own signals); ``activate`` swaps it atomically."""
 
     release: Release | None
     token_hash: str
     latency: LatencyHistogram = field(default_factory=LatencyHistogram)
     predictions: int = 0
     errors: int = 0
+    pred_hist: list[int] = field(default_factory=lambda: [0] * PRED_BINS)
 
     def activate(self, release: Release) -> None:
+        self.latency, self.predictions, self.errors = LatencyHistogram(), 0, 0
+        self.pred_hist = [0] * PRED_BINS
         self.release = release  # one reference assignment: requests see the old or the new, never a mix
+
+    def count(self, probs: Any) -> None:
+        import numpy as np
+
+        idx = np.minimum((np.asarray(probs) * PRED_BINS).astype(int), PRED_BINS - 1)
+        for i, c in zip(*np.unique(idx, return_counts=True), strict=True):
+            self.pred_hist[int(i)] += int(c)
 
 
 def _rows(body: Any) -> Any:
@@ -145,6 +159,7 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
             ],
         }
         state.predictions += len(probs)
+        state.count(probs)
         state.latency.observe(time.perf_counter() - start)
         return Response(json.dumps(out), media_type="application/json")
 

@@ -67,6 +67,7 @@ class DeviceReport(_Strict):
     errors: int = Field(default=0, ge=0)
     latency_p50: float | None = Field(default=None, ge=0)
     latency_p99: float | None = Field(default=None, ge=0)
+    pred_hist: list[int] | None = Field(default=None, max_length=100, description="predictions per score bin")
 
 
 class AssignRequest(_Strict):

@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from consortia.errors import AuthError, ConflictError, NotFoundError
 from consortia.store.entities import Device, utcnow
 from consortia.store.governance import GovernanceStore
-from consortia.store.models import CredentialRow, DeviceRow, EnrollmentTokenRow, TenantRow
+from consortia.store.models import CredentialRow, DeviceRow, EnrollmentTokenRow, RolloutRow, TenantRow
 
 __all__ = ["DeliveryStore"]
 
@@ -133,3 +133,90 @@ class DeliveryStore(GovernanceStore):
                     row.name,
                     {"serving": report.get("serving"), "state": report.get("state"), "reason": report.get("reason")},
                 )
+
+    # ------------------------------------------------------------------ rollouts
+
+    def create_rollout(
+        self, model: str, version: int, plan: dict[str, Any], progress: dict[str, Any], actor: str
+    ) -> int:
+        now = utcnow()
+        with self._tx() as s:
+            row = RolloutRow(
+                model=model,
+                version=version,
+                state="running",
+                plan=plan,
+                progress=progress,
+                actor=actor,
+                created_at=now,
+                updated_at=now,
+            )
+            s.add(row)
+            s.flush()
+            self._audit(
+                s,
+                actor,
+                None,
+                "rollout.started",
+                f"rollout:{row.id}",
+                {
+                    "release": f"{model}:{version}",
+                    "previous": progress.get("previous"),
+                    "cohort": progress.get("cohort"),
+                    "steps": len(plan["steps"]),
+                },
+            )
+            return row.id
+
+    def get_rollout(self, rollout_id: int) -> dict[str, Any]:
+        with self._tx() as s:
+            row = s.get(RolloutRow, rollout_id)
+            if row is None:
+                raise NotFoundError(f"rollout {rollout_id} not found; see `consortia rollout status`.")
+            return _rollout(row)
+
+    def list_rollouts(self, state: str | None = None) -> list[dict[str, Any]]:
+        with self._tx() as s:
+            q = select(RolloutRow).order_by(RolloutRow.id)
+            if state is not None:
+                q = q.where(RolloutRow.state == state)
+            return [_rollout(r) for r in s.scalars(q)]
+
+    def update_rollout(
+        self,
+        rollout_id: int,
+        *,
+        expect: str,
+        state: str,
+        progress: dict[str, Any],
+        reason: str | None = None,
+        action: str | None = None,
+        detail: dict[str, Any] | None = None,
+        actor: str = "coordinator",
+    ) -> None:
+        """Compare-and-set the rollout's state; audit ``action`` when given."""
+        with self._tx() as s:
+            done = s.execute(
+                update(RolloutRow)
+                .where(RolloutRow.id == rollout_id, RolloutRow.state == expect)
+                .values(state=state, progress=progress, reason=reason, updated_at=utcnow())
+            )
+            if done.rowcount != 1:  # type: ignore[attr-defined]
+                raise ConflictError(f"rollout {rollout_id} is no longer {expect}.")
+            if action is not None:
+                self._audit(s, actor, None, action, f"rollout:{rollout_id}", detail or {})
+
+
+def _rollout(r: RolloutRow) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "model": r.model,
+        "version": r.version,
+        "state": r.state,
+        "reason": r.reason,
+        "plan": r.plan,
+        "progress": r.progress,
+        "actor": r.actor,
+        "created_at": r.created_at.isoformat(),
+        "updated_at": r.updated_at.isoformat(),
+    }

@@ -25,6 +25,7 @@ __all__ = [
     "Base",
     "CredentialRow",
     "DeviceRow",
+    "RolloutRow",
     "EnrollmentTokenRow",
     "JobEventRow",
     "JobRow",
@@ -322,3 +323,20 @@ class DeviceRow(Base):
     report: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime]
     last_seen_at: Mapped[datetime | None]
+
+
+class RolloutRow(Base):
+    """A progressive rollout of one release to a cohort; ``progress`` holds the step,
+    the devices moved so far, analysis samples and what the cohort ran before."""
+
+    __tablename__ = "rollouts"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    model: Mapped[str] = mapped_column(String(63))
+    version: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    reason: Mapped[str | None] = mapped_column(Text)
+    plan: Mapped[dict[str, Any]]
+    progress: Mapped[dict[str, Any]]
+    actor: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]

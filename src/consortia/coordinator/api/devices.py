@@ -12,6 +12,8 @@ from fastapi.responses import Response
 
 from consortia.coordinator.api.deps import principal_with
 from consortia.coordinator.services.devices import DeviceService
+from consortia.coordinator.services.rollouts import RolloutService
+from consortia.errors import ValidationError
 from consortia.protocol.delivery import AssignRequest, DeviceEnrolled, DeviceEnrollRequest, DeviceReport
 from consortia.store.entities import Principal
 
@@ -71,3 +73,43 @@ def tuf_metadata(name: str, request: Request, _: Anyone) -> Response:
 @router.get("/tuf/targets/{path:path}")
 def tuf_target(path: str, request: Request, _: Anyone) -> Response:
     return Response(request.app.state.tuf.target(path), media_type="application/octet-stream")
+
+
+def _rollouts(request: Request) -> RolloutService:
+    return request.app.state.rollouts  # type: ignore[no-any-return]
+
+
+Rollouts = Annotated[RolloutService, Depends(_rollouts)]
+
+
+@router.post("/rollouts", status_code=201)
+async def start_rollout(request: Request, rollouts: Rollouts, who: Operator) -> dict[str, Any]:
+    """Start a rollout: ``{"model", "version", "plan": {...}}``."""
+    body = await request.json()
+    if not isinstance(body, dict) or not {"model", "version", "plan"} <= set(body):
+        raise ValidationError('body must be {"model": ..., "version": ..., "plan": {...}}.')
+    if not isinstance(body["version"], int):
+        raise ValidationError("version must be an integer.")
+    return rollouts.start(who, str(body["model"]), body["version"], body["plan"])
+
+
+@router.get("/rollouts")
+def list_rollouts(rollouts: Rollouts, _: Reader) -> list[dict[str, Any]]:
+    return rollouts.store.list_rollouts()
+
+
+@router.get("/rollouts/{rollout_id}")
+def get_rollout(rollout_id: int, rollouts: Rollouts, _: Reader) -> dict[str, Any]:
+    return rollouts.store.get_rollout(rollout_id)
+
+
+@router.post("/rollouts/{rollout_id}/{action}")
+async def rollout_action(rollout_id: int, action: str, rollouts: Rollouts, who: Operator) -> dict[str, Any]:
+    """``pause``, ``resume``, ``abort`` or ``rollback``."""
+    if action == "pause":
+        return rollouts.pause(who, rollout_id)
+    if action == "resume":
+        return rollouts.resume(who, rollout_id)
+    if action in ("abort", "rollback"):
+        return rollouts.abort(who, rollout_id, rollback=action == "rollback")
+    raise ValidationError(f"unknown rollout action {action!r}; use pause, resume, abort or rollback.")

@@ -104,16 +104,21 @@ class DeviceService:
         ]
         if not devices:
             raise ValidationError("no active device matches that selector; see `consortia edge list`.")
+        return self.assign_to([d.id for d in devices], v.model, v.version, principal.name)
+
+    def assign_to(self, device_ids: list[int], model: str, version: int, actor: str) -> list[dict[str, Any]]:
+        """Sign and store, for each device, an instruction to run ``model:version``."""
+        v = self.store.get_version(model, version)
         release = {"model": v.model, "version": v.version, "release_digest": v.release_digest}
         out = []
-        for d in devices:
+        for d in (self.store.get_device(i) for i in device_ids):
             device_id = f"{d.tenant}/{d.name}"
             updated = self.store.instruct(
                 d.id,
                 lambda counter, device_id=device_id: sign_instruction(
                     self.keys.director, device_id, counter, release, utcnow() + INSTRUCTION_TTL
                 ),
-                principal.name,
+                actor,
             )
             out.append(device_public(updated))
         return out

@@ -1,0 +1,263 @@
+"""Progressive delivery: drive a rollout plan over a device cohort from the coordinator's
+ticker, judge live signals, and roll back by itself.
+
+Each tick advances running rollouts by at most one step: ``set_weight`` instructs the
+first ceil(w% x N) cohort devices (by name) to run the new release and waits until they
+report serving it (a device that reports a failed install, or the install timeout,
+fails the rollout); ``hold_seconds`` waits; ``analysis`` takes a sample every interval
+from the canary devices' reports (signals since they activated the release) against the
+baseline devices still on the previous release. Too many failed samples: every device
+moved so far is instructed back to the previous release and the rollout ends
+``rolled_back``. No conclusive sample at all: the rollout pauses and the audit log asks
+the approvers of the affected regulated tenants to decide (``consortia rollout resume``
+or ``abort``). Every transition is an audit entry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import Any
+
+from pydantic import ValidationError as PydanticValidationError
+
+from consortia.coordinator.services.devices import DeviceService
+from consortia.core.rollout import RolloutPlan, evaluate_sample
+from consortia.errors import ConflictError, ValidationError
+from consortia.store.entities import Device, Principal
+from consortia.store.sqlstore import SqlStore
+
+__all__ = ["RolloutService"]
+
+log = logging.getLogger("consortia.coordinator.rollouts")
+
+
+def _ref(r: dict[str, Any] | None) -> str | None:
+    return f"{r['model']}:{r['version']}" if r else None
+
+
+class RolloutService:
+    def __init__(self, store: SqlStore, devices: DeviceService) -> None:
+        self.store = store
+        self.devices = devices
+
+    # ------------------------------------------------------------------ commands
+
+    def start(self, principal: Principal, model: str, version: int, raw_plan: Any) -> dict[str, Any]:
+        if not isinstance(raw_plan, dict):
+            raise ValidationError("a rollout plan must be a mapping with 'target' and 'steps'.")
+        try:
+            plan = RolloutPlan.model_validate(raw_plan)
+        except PydanticValidationError as exc:
+            parts = [f"{'.'.join(str(p) for p in e['loc']) or 'plan'}: {e['msg']}" for e in exc.errors()[:8]]
+            raise ValidationError("invalid rollout plan: " + "; ".join(parts)) from exc
+        v = self.store.get_version(model, version)
+        if v.release_digest is None:
+            raise ConflictError(f"{v.ref} has no signed release; nothing to roll out.")
+        cohort = self._cohort(plan)
+        if not cohort:
+            raise ValidationError("the plan's target selects no active device; see `consortia edge list`.")
+        if any(
+            r["state"] in ("running", "paused")
+            for r in self.store.list_rollouts()
+            if set(r["progress"]["cohort"]) & {d.id for d in cohort}
+        ):
+            raise ConflictError("another rollout is running on some of these devices; finish or abort it first.")
+        serving = [((d.report or {}).get("serving")) for d in cohort]
+        previous = max(set(serving) - {None}, key=serving.count, default=None)
+        if previous == v.ref:
+            raise ConflictError(f"the cohort already serves {v.ref}.")
+        progress = {
+            "step": 0,
+            "step_started": time.time(),
+            "cohort": [d.id for d in cohort],
+            "moved": [],
+            "previous": (
+                {"model": previous.split(":")[0], "version": int(previous.split(":")[1])} if previous else None
+            ),
+            "samples": [],
+            "last_sample": 0.0,
+            "history": [],
+        }
+        rid = self.store.create_rollout(model, version, plan.model_dump(mode="json"), progress, principal.name)
+        return self.store.get_rollout(rid)
+
+    def _cohort(self, plan: RolloutPlan) -> list[Device]:
+        tenant_id = self.store.get_tenant(plan.target.tenant).id if plan.target.tenant else None
+        return sorted(
+            (
+                d
+                for d in self.store.list_devices(tenant_id)
+                if d.status == "active" and all(d.labels.get(k) == v for k, v in plan.target.selector.items())
+            ),
+            key=lambda d: (d.tenant, d.name),
+        )
+
+    def pause(self, principal: Principal, rid: int) -> dict[str, Any]:
+        r = self.store.get_rollout(rid)
+        self.store.update_rollout(
+            rid,
+            expect="running",
+            state="paused",
+            progress=r["progress"],
+            reason=f"paused by {principal.name}",
+            action="rollout.paused",
+            actor=principal.name,
+        )
+        return self.store.get_rollout(rid)
+
+    def resume(self, principal: Principal, rid: int) -> dict[str, Any]:
+        r = self.store.get_rollout(rid)
+        p = r["progress"]
+        p["samples"], p["step_started"], p["last_sample"] = [], time.time(), 0.0
+        self.store.update_rollout(
+            rid, expect="paused", state="running", progress=p, action="rollout.resumed", actor=principal.name
+        )
+        return self.store.get_rollout(rid)
+
+    def abort(self, principal: Principal, rid: int, rollback: bool = True) -> dict[str, Any]:
+        r = self.store.get_rollout(rid)
+        if r["state"] not in ("running", "paused", "succeeded"):
+            raise ConflictError(f"rollout {rid} is {r['state']}; nothing to abort.")
+        self._rollback(r, f"{'rolled back' if rollback else 'aborted'} by {principal.name}", principal.name)
+        return self.store.get_rollout(rid)
+
+    # ------------------------------------------------------------------ the driver
+
+    def tick(self) -> None:
+        for r in self.store.list_rollouts("running"):
+            with contextlib.suppress(ConflictError):  # changed under us (paused/aborted): next tick sees it
+                self._advance(r)
+
+    def _devices(self, ids: list[int]) -> dict[int, Device]:
+        return {d.id: d for d in self.store.list_devices() if d.id in set(ids)}
+
+    def _advance(self, r: dict[str, Any]) -> None:
+        plan = RolloutPlan.model_validate(r["plan"])
+        p = r["progress"]
+        ref = f"{r['model']}:{r['version']}"
+        if p["step"] >= len(plan.steps):
+            self.store.update_rollout(
+                r["id"],
+                expect="running",
+                state="succeeded",
+                progress=p,
+                action="rollout.succeeded",
+                detail={"release": ref, "devices": len(p["moved"])},
+            )
+            return
+        step = plan.steps[p["step"]]
+        now = time.time()
+        devices = self._devices(p["cohort"])
+        if step.set_weight is not None:
+            want = math.ceil(step.set_weight / 100 * len(p["cohort"]))
+            targets = sorted(p["cohort"], key=lambda i: (devices[i].tenant, devices[i].name))[:want]
+            new = [i for i in targets if i not in p["moved"]]
+            if new:
+                names = [devices[i].name for i in new]
+                self.devices.assign_to(new, r["model"], r["version"], f"rollout:{r['id']}")
+                p["moved"] = sorted(set(p["moved"]) | set(new))
+                self.store.update_rollout(
+                    r["id"],
+                    expect="running",
+                    state="running",
+                    progress=p,
+                    action="rollout.step",
+                    detail={"step": p["step"], "set_weight": step.set_weight, "devices": names},
+                )
+                return
+            failed = [
+                devices[i]
+                for i in targets
+                if (devices[i].report or {}).get("state") == "failed"
+                or ((devices[i].report or {}).get("reason") and (devices[i].report or {}).get("serving") != ref)
+            ]
+            if failed:
+                d = failed[0]
+                self._rollback(r, f"device {d.tenant}/{d.name} did not install {ref}: {(d.report or {}).get('reason')}")
+                return
+            if all((devices[i].report or {}).get("serving") == ref for i in targets):
+                self._next(
+                    r, p, {"set_weight": step.set_weight, "converged_seconds": round(now - p["step_started"], 2)}
+                )
+            elif now - p["step_started"] > plan.install_timeout_seconds:
+                late = [devices[i].name for i in targets if (devices[i].report or {}).get("serving") != ref]
+                self._rollback(r, f"devices {late} did not serve {ref} within {plan.install_timeout_seconds:.0f}s")
+            return
+        if step.hold_seconds is not None:
+            if now - p["step_started"] >= step.hold_seconds:
+                self._next(r, p, {"hold_seconds": step.hold_seconds})
+            return
+        analysis = step.analysis
+        assert analysis is not None
+        if now - p["last_sample"] < analysis.interval_seconds:
+            return
+        canary = [devices[i].report or {} for i in p["moved"] if (devices[i].report or {}).get("serving") == ref]
+        prev = _ref(p["previous"])
+        baseline = [d.report or {} for d in devices.values() if (d.report or {}).get("serving") == prev]
+        sample = evaluate_sample(analysis, canary, baseline)
+        p["samples"].append(sample.as_dict())
+        p["last_sample"] = now
+        fails = sum(s["verdict"] == "fail" for s in p["samples"])
+        self.store.update_rollout(
+            r["id"],
+            expect="running",
+            state="running",
+            progress=p,
+            action="rollout.analysis",
+            detail={"step": p["step"], "sample": len(p["samples"]), **sample.as_dict()},
+        )
+        if fails > analysis.failure_limit:
+            self._rollback(
+                r, f"analysis failed {fails} time(s) (limit {analysis.failure_limit}): " + "; ".join(sample.reasons)
+            )
+        elif len(p["samples"]) >= analysis.samples:
+            if any(s["verdict"] == "pass" for s in p["samples"]):
+                self._next(r, p, {"analysis": [s["verdict"] for s in p["samples"]]})
+            else:
+                regulated = sorted(
+                    {d.tenant for d in devices.values()} & {t.name for t in self.store.list_tenants() if t.regulated}
+                )
+                self.store.update_rollout(
+                    r["id"],
+                    expect="running",
+                    state="paused",
+                    progress=p,
+                    reason=f"analysis inconclusive: {'; '.join(sample.reasons)}; approvers of {regulated} decide "
+                    "(`consortia rollout resume` or `abort`)",
+                    action="rollout.inconclusive",
+                    detail={"ask_approvers_of": regulated},
+                )
+
+    def _next(self, r: dict[str, Any], p: dict[str, Any], detail: dict[str, Any]) -> None:
+        p["history"].append({"step": p["step"], **detail})
+        p["step"] += 1
+        p["step_started"], p["samples"], p["last_sample"] = time.time(), [], 0.0
+        self.store.update_rollout(
+            r["id"],
+            expect="running",
+            state="running",
+            progress=p,
+            action="rollout.step_done",
+            detail={"step": p["step"] - 1, **detail},
+        )
+
+    def _rollback(self, r: dict[str, Any], reason: str, actor: str = "coordinator") -> None:
+        """Instruct every device moved so far back to the previous release."""
+        p = r["progress"]
+        prev = p["previous"]
+        if prev is not None and p["moved"]:
+            self.devices.assign_to(p["moved"], prev["model"], prev["version"], f"rollout:{r['id']}:rollback")
+        log.warning("rollout %s rolled back: %s", r["id"], reason)
+        self.store.update_rollout(
+            r["id"],
+            expect=r["state"],
+            state="rolled_back",
+            progress=p,
+            reason=reason,
+            action="rollout.rolled_back",
+            actor=actor,
+            detail={"reason": reason, "to": _ref(prev), "devices": len(p["moved"])},
+        )

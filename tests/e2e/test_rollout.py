@@ -1,0 +1,123 @@
+"""Progressive delivery with real edge agents under live traffic: a deliberately bad
+release is caught by the canary analysis and rolled back on every canary device, the
+fleet ends on the previous release and the audit log shows each step; a good release
+rolls out to the whole fleet."""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+
+import httpx
+import pytest
+from fedtools import enroll_all, finance_spec, wait_state
+from test_edge import wait_devices
+
+from consortia.cli.demo import free_port
+from consortia.datasets.scenarios import load_scenario
+
+pytestmark = pytest.mark.e2e
+
+PLAN = {
+    "target": {"selector": {"device": "scanner"}},
+    "steps": [
+        {"set_weight": 50},
+        {
+            "analysis": {
+                "interval_seconds": 1.0,
+                "samples": 3,
+                "failure_limit": 0,
+                "min_predictions": 40,
+                "metrics": [{"name": "error_rate", "max": 0.05}, {"name": "prediction_shift", "max": 0.5}],
+            }
+        },
+        {"set_weight": 100},
+    ],
+    "install_timeout_seconds": 120,
+}
+
+
+def train(fed, **kw) -> None:
+    _, spec = finance_spec(rounds=2, **kw)
+    with fed.client() as c:
+        job_id = c.post_json("/v1/jobs", spec)["id"]
+    job = wait_state(fed, job_id, lambda j: j["state"] in ("completed", "failed"), what="job end")
+    assert job["state"] == "completed", job["reason"]
+
+
+def traffic(fed, names, stop: threading.Event) -> None:
+    frame = next(iter(load_scenario("finance", 1).partitions.values())).drop(columns=["Class", "addr_state"])
+    rows = [
+        {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+        for r in frame.head(400).to_dict("records")
+    ]
+    i = 0
+    with httpx.Client(timeout=10) as c:
+        while not stop.is_set():
+            for name in names:
+                batch = rows[(i * 10) % 390 : (i * 10) % 390 + 10]
+                with contextlib.suppress(httpx.TransportError):
+                    c.post(
+                        f"http://127.0.0.1:{fed.edge_ports[name]}/v1/predict",
+                        json={"rows": batch},
+                        headers={"Authorization": f"Bearer {fed.edge_token(name)}"},
+                    )
+            i += 1
+            time.sleep(0.05)
+
+
+def rollout(fed, version: int) -> dict:
+    with fed.client() as c:
+        rid = c.post_json("/v1/rollouts", {"model": "credit-risk", "version": version, "plan": PLAN})["id"]
+    end = time.monotonic() + 180
+    while time.monotonic() < end:
+        with fed.client() as c:
+            r = c.get_json(f"/v1/rollouts/{rid}")
+        if r["state"] not in ("running",):
+            return r
+        time.sleep(0.5)
+    raise AssertionError(f"rollout did not finish: {r}")
+
+
+def test_bad_release_is_rolled_back_and_good_release_rolls_out(federation):
+    fed, paths = federation(sites=2)
+    fed.start_coordinator()
+    enroll_all(fed, paths)
+    train(fed)  # credit-risk:1, the stable release
+    train(fed, learning_rate=10.0, local_epochs=3)  # credit-risk:2, deliberately bad (saturated scores)
+    train(fed, seed=1)  # credit-risk:3, a good retrain
+    tenant = next(iter(paths))
+    names = [f"scanner-{i}" for i in range(1, 5)]
+    with fed.client() as c:
+        for name in names:
+            token = c.post_json(f"/v1/tenants/{tenant}/device-enrollment-tokens", {})["token"]
+            fed.start_edge(name, token, "device=scanner", free_port())
+    wait_devices(fed, lambda d: len(d) == 4 and all(x["report"] for x in d.values()), "4 devices reporting")
+    with fed.client() as c:
+        c.post_json("/v1/devices/assign", {"model": "credit-risk", "version": 1, "selector": {"device": "scanner"}})
+    wait_devices(fed, lambda d: all(x["report"]["serving"] == "credit-risk:1" for x in d.values()), "fleet on v1")
+    stop = threading.Event()
+    feeder = threading.Thread(target=traffic, args=(fed, names, stop), daemon=True)
+    feeder.start()
+    try:
+        time.sleep(2.0)  # baseline traffic on v1
+        bad = rollout(fed, 2)
+        assert bad["state"] == "rolled_back", bad
+        assert "prediction_shift" in bad["reason"] and "analysis failed" in bad["reason"]
+        assert len(bad["progress"]["moved"]) == 2  # only the canary half ever saw v2
+        wait_devices(
+            fed, lambda d: all(x["report"]["serving"] == "credit-risk:1" for x in d.values()), "fleet back on v1"
+        )
+        good = rollout(fed, 3)
+        assert good["state"] == "succeeded", good
+        wait_devices(fed, lambda d: all(x["report"]["serving"] == "credit-risk:3" for x in d.values()), "fleet on v3")
+    finally:
+        stop.set()
+        feeder.join(timeout=10)
+    with fed.client() as c:
+        entries = c.get_json("/v1/audit/entries", params={"limit": 5000})
+    actions = [e["action"] for e in entries if e["subject"] == f"rollout:{bad['id']}"]
+    assert actions[0] == "rollout.started" and "rollout.step" in actions and "rollout.analysis" in actions
+    assert actions[-1] == "rollout.rolled_back"
+    assert [e["action"] for e in entries if e["subject"] == f"rollout:{good['id']}"][-1] == "rollout.succeeded"
