@@ -103,7 +103,7 @@ def test_bad_release_is_rolled_back_and_good_release_rolls_out(federation):
     try:
         time.sleep(2.0)  # baseline traffic on v1
         bad = rollout(fed, 2)
-        assert bad["state"] == "rolled_back", bad
+        assert bad["state"] == "rolled_back", (bad["reason"], bad["progress"]["samples"])
         assert "prediction_shift" in bad["reason"] and "analysis failed" in bad["reason"]
         assert len(bad["progress"]["moved"]) == 2  # only the canary half ever saw v2
         wait_devices(

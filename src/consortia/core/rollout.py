@@ -120,7 +120,7 @@ def evaluate_sample(analysis: Analysis, canary: list[dict[str, Any]], baseline: 
         "accuracy": None,  # needs delayed labels at the devices (monitoring work)
     }
     cur, ref = _sum_hist(canary), _sum_hist(baseline)
-    if cur and ref and sum(ref) >= analysis.min_predictions:
+    if cur and ref and min(sum(cur), sum(ref)) >= analysis.min_predictions:
         values["prediction_shift"] = psi(cur, ref)
     reasons: list[str] = []
     if predictions + errors < analysis.min_predictions:

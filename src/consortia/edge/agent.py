@@ -186,6 +186,7 @@ class EdgeAgent:
                 "errors": serving.errors,
                 "latency_p50": lat["p50"],
                 "latency_p99": lat["p99"],
+                "pred_hist": serving.pred_hist,
             },
         )
 
