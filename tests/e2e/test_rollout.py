@@ -86,7 +86,6 @@ def test_bad_release_is_rolled_back_and_good_release_rolls_out(federation):
     enroll_all(fed, paths)
     train(fed)  # credit-risk:1, the stable release
     train(fed, learning_rate=10.0, local_epochs=3)  # credit-risk:2, deliberately bad (saturated scores)
-    train(fed, seed=1)  # credit-risk:3, a good retrain
     tenant = next(iter(paths))
     names = [f"scanner-{i}" for i in range(1, 5)]
     with fed.client() as c:
@@ -106,12 +105,31 @@ def test_bad_release_is_rolled_back_and_good_release_rolls_out(federation):
         assert bad["state"] == "rolled_back", (bad["reason"], bad["progress"]["samples"])
         assert "prediction_shift" in bad["reason"] and "analysis failed" in bad["reason"]
         assert len(bad["progress"]["moved"]) == 2  # only the canary half ever saw v2
-        wait_devices(
-            fed, lambda d: all(x["report"]["serving"] == "credit-risk:1" for x in d.values()), "fleet back on v1"
+        # the rollback is a new signed version (4) re-issuing v1's artifact: versions only move forward
+        assert bad["progress"]["rollback_release"] == {"model": "credit-risk", "version": 3, "rollback_of": 1}
+        with fed.client() as c:
+            v1, v3 = (c.get_json(f"/v1/registry/models/credit-risk/versions/{v}") for v in (1, 3))
+        assert v3["params_hash"] == v1["params_hash"] and v3["signed"] and v3["lineage"]["rollback_of"] == 1
+        fleet = wait_devices(
+            fed,
+            lambda d: (
+                sorted(x["report"]["serving"] for x in d.values())
+                == ["credit-risk:1", "credit-risk:1", "credit-risk:3", "credit-risk:3"]
+            ),
+            "fleet back on v1's artifact",
         )
-        good = rollout(fed, 3)
-        assert good["state"] == "succeeded", good
-        wait_devices(fed, lambda d: all(x["report"]["serving"] == "credit-risk:3" for x in d.values()), "fleet on v3")
+        on_v3 = sorted(n for n, x in fleet.items() if x["report"]["serving"] == "credit-risk:3")
+        assert on_v3 == ["scanner-1", "scanner-2"]
+        with fed.client() as c:  # devices refuse to go back in version numbers (anti-rollback)
+            c.post_json("/v1/devices/assign", {"model": "credit-risk", "version": 1, "devices": ["scanner-1"]})
+        refused = wait_devices(
+            fed, lambda d: "anti-rollback" in (d["scanner-1"]["report"].get("reason") or ""), "anti-rollback refusal"
+        )
+        assert refused["scanner-1"]["report"]["serving"] == "credit-risk:3"
+        train(fed, seed=1)  # credit-risk:4, a good retrain
+        good = rollout(fed, 4)
+        assert good["state"] == "succeeded", (good["reason"], good["progress"]["samples"])
+        wait_devices(fed, lambda d: all(x["report"]["serving"] == "credit-risk:4" for x in d.values()), "fleet on v4")
     finally:
         stop.set()
         feeder.join(timeout=10)

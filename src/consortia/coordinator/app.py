@@ -65,7 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     governance = GovernanceService(store, blobs, keys, settings.release_dir, tuf)
     rounds.on_registered = governance.ensure_release
     device_service = DeviceService(store, keys, tuf, settings)
-    rollout_service = RolloutService(store, device_service)
+    rollout_service = RolloutService(store, device_service, governance)
     token = tenant_service.ensure_admin()
     if token is not None:
         write_admin_credential(settings.admin_credential_path, token)

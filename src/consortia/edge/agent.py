@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from consortia.edge.runtime import load_release
 from consortia.edge.updater import CallableFetcher, SecureUpdater, verify_instruction
-from consortia.errors import AuthError, ConsortiaError, CoordinatorUnavailable
+from consortia.errors import AuthError, ConsortiaError, CoordinatorUnavailable, ReleaseError
 
 __all__ = ["EdgeAgent"]
 
@@ -80,6 +80,7 @@ class EdgeAgent:
         self.serving_token = serving_token
         self.state = self._lkg()
         self.reason: str | None = None
+        self.attempted = 0
         self.status = "serving" if self.state["release"] else "idle"
         from consortia.edge.serving import create_serving_app
 
@@ -140,6 +141,7 @@ class EdgeAgent:
         """One poll: fetch the instruction, install if it names a new release, report."""
         signed = self.client.get_json("/v1/devices/me/instruction")["signed"]
         if signed is not None and signed["instruction"].get("counter", 0) > self.state["counter"]:
+            self.attempted = int(signed["instruction"]["counter"])
             try:
                 body = verify_instruction(self.director, signed, self.device_id, self.state["counter"])
                 self._apply(body)
@@ -153,6 +155,12 @@ class EdgeAgent:
 
     def _apply(self, body: dict[str, Any]) -> None:
         release = body["release"]
+        newest = self.state.setdefault("max_versions", {})
+        if release is not None and release["version"] < newest.get(release["model"], 0):
+            raise ReleaseError(
+                f"anti-rollback: {release['model']}:{release['version']} is older than version "
+                f"{newest[release['model']]} already installed here; a rollback is issued as a new version."
+            )
         if release is None or (
             self.state["release"]
             and (release["model"], release["version"])
@@ -167,7 +175,12 @@ class EdgeAgent:
         new = load_release(target)  # verifies again and runs the signed smoke test
         self.app.state.serving.activate(new)
         self.release = new
-        self.state = {"release": {"model": release["model"], "version": release["version"]}, "counter": body["counter"]}
+        newest[release["model"]] = max(newest.get(release["model"], 0), release["version"])
+        self.state = {
+            "release": {"model": release["model"], "version": release["version"]},
+            "counter": body["counter"],
+            "max_versions": newest,
+        }
         self._save_lkg()
         self.status, self.reason = "serving", None
         log.info("now serving %s", new.ref)
@@ -182,6 +195,7 @@ class EdgeAgent:
                 "serving": self.release.ref if self.release else None,
                 "reason": self.reason,
                 "counter": self.state["counter"],
+                "attempted": self.attempted,
                 "predictions": serving.predictions,
                 "errors": serving.errors,
                 "latency_p50": lat["p50"],

@@ -63,6 +63,7 @@ class DeviceReport(_Strict):
     serving: str | None = Field(default=None, max_length=200, description="model:version being served")
     reason: str | None = Field(default=None, max_length=2000)
     counter: int = Field(default=0, ge=0, description="last instruction counter applied")
+    attempted: int = Field(default=0, ge=0, description="last instruction counter tried (reason says why it failed)")
     predictions: int = Field(default=0, ge=0)
     errors: int = Field(default=0, ge=0)
     latency_p50: float | None = Field(default=None, ge=0)

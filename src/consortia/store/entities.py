@@ -157,7 +157,7 @@ class ModelVersion:
     id: int
     model: str
     version: int
-    job_id: int
+    job_id: int | None
     params_hash: str
     lineage: dict[str, Any]
     stage: str

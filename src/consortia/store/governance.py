@@ -141,8 +141,19 @@ class GovernanceStore:
 
     # ------------------------------------------------------------------ registry
 
+    def register_rollback(self, old: ModelVersion, reason: str, actor: str) -> ModelVersion:
+        """A new version of ``old.model`` that re-issues ``old``'s artifact: a rollback
+        moves forward in version numbers, so anti-rollback checks stay intact."""
+        lineage = {**old.lineage, "rollback_of": old.version, "rollback_reason": reason}
+        with self._tx() as s:
+            v = self._register(s, model=old.model, job_id=None, params_hash=old.params_hash, lineage=lineage)
+            self._audit(
+                s, actor, None, "model.rollback_registered", v.ref, {"rollback_of": old.version, "reason": reason}
+            )
+            return v
+
     def _register(
-        self, s: Session, *, model: str, job_id: int, params_hash: str, lineage: dict[str, Any]
+        self, s: Session, *, model: str, job_id: int | None, params_hash: str, lineage: dict[str, Any]
     ) -> ModelVersion:
         m = s.scalar(select(RegisteredModelRow).where(RegisteredModelRow.name == model))
         if m is None:

@@ -237,7 +237,7 @@ class ModelVersionRow(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     model_id: Mapped[int] = mapped_column(ForeignKey("registered_models.id"), index=True)
     version: Mapped[int] = mapped_column(Integer)
-    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), unique=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id"), unique=True)  # None: a rollback version
     params_hash: Mapped[str] = mapped_column(String(64))
     lineage: Mapped[dict[str, Any]]
     stage: Mapped[str] = mapped_column(String(16))

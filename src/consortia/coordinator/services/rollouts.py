@@ -6,7 +6,7 @@ first ceil(w% x N) cohort devices (by name) to run the new release and waits unt
 report serving it (a device that reports a failed install, or the install timeout,
 fails the rollout); ``hold_seconds`` waits; ``analysis`` takes a sample every interval
 from the canary devices' reports (signals since they activated the release) against the
-baseline devices still on the previous release. Too many failed samples: every device
+cohort devices still on other releases (the baseline). Too many failed samples: every device
 moved so far is instructed back to the previous release and the rollout ends
 ``rolled_back``. No conclusive sample at all: the rollout pauses and the audit log asks
 the approvers of the affected regulated tenants to decide (``consortia rollout resume``
@@ -24,6 +24,7 @@ from typing import Any
 from pydantic import ValidationError as PydanticValidationError
 
 from consortia.coordinator.services.devices import DeviceService
+from consortia.coordinator.services.governance import GovernanceService
 from consortia.core.rollout import RolloutPlan, evaluate_sample
 from consortia.errors import ConflictError, ValidationError
 from consortia.store.entities import Device, Principal
@@ -39,9 +40,10 @@ def _ref(r: dict[str, Any] | None) -> str | None:
 
 
 class RolloutService:
-    def __init__(self, store: SqlStore, devices: DeviceService) -> None:
+    def __init__(self, store: SqlStore, devices: DeviceService, governance: GovernanceService) -> None:
         self.store = store
         self.devices = devices
+        self.governance = governance
 
     # ------------------------------------------------------------------ commands
 
@@ -168,11 +170,12 @@ class RolloutService:
                     detail={"step": p["step"], "set_weight": step.set_weight, "devices": names},
                 )
                 return
-            failed = [
+            failed = [  # a failure reported for *our* instruction (not a stale one)
                 devices[i]
                 for i in targets
-                if (devices[i].report or {}).get("state") == "failed"
-                or ((devices[i].report or {}).get("reason") and (devices[i].report or {}).get("serving") != ref)
+                if (devices[i].report or {}).get("attempted", 0) >= devices[i].counter
+                and (devices[i].report or {}).get("reason")
+                and (devices[i].report or {}).get("serving") != ref
             ]
             if failed:
                 d = failed[0]
@@ -195,8 +198,8 @@ class RolloutService:
         if now - p["last_sample"] < analysis.interval_seconds:
             return
         canary = [devices[i].report or {} for i in p["moved"] if (devices[i].report or {}).get("serving") == ref]
-        prev = _ref(p["previous"])
-        baseline = [d.report or {} for d in devices.values() if (d.report or {}).get("serving") == prev]
+        # baseline: the cohort devices still on another release (the fleet the canary is compared with)
+        baseline = [d.report or {} for d in devices.values() if (d.report or {}).get("serving") not in (None, ref)]
         sample = evaluate_sample(analysis, canary, baseline)
         p["samples"].append(sample.as_dict())
         p["last_sample"] = now
@@ -245,11 +248,18 @@ class RolloutService:
         )
 
     def _rollback(self, r: dict[str, Any], reason: str, actor: str = "coordinator") -> None:
-        """Instruct every device moved so far back to the previous release."""
+        """Return every device moved so far to the previous release's artifact, issued as
+        a new signed release version (so versions only move forward on every device)."""
         p = r["progress"]
         prev = p["previous"]
+        to = None
         if prev is not None and p["moved"]:
-            self.devices.assign_to(p["moved"], prev["model"], prev["version"], f"rollout:{r['id']}:rollback")
+            old = self.store.get_version(prev["model"], prev["version"])
+            rb = self.store.register_rollback(old, f"rollout {r['id']}: {reason}", actor)
+            rb = self.governance.ensure_release(rb)
+            self.devices.assign_to(p["moved"], rb.model, rb.version, f"rollout:{r['id']}:rollback")
+            to = {"model": rb.model, "version": rb.version, "rollback_of": old.version}
+            p["rollback_release"] = to
         log.warning("rollout %s rolled back: %s", r["id"], reason)
         self.store.update_rollout(
             r["id"],
@@ -259,5 +269,5 @@ class RolloutService:
             reason=reason,
             action="rollout.rolled_back",
             actor=actor,
-            detail={"reason": reason, "to": _ref(prev), "devices": len(p["moved"])},
+            detail={"reason": reason, "to": _ref(to), "artifact_of": _ref(prev), "devices": len(p["moved"])},
         )
