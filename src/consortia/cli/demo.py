@@ -47,6 +47,7 @@ class Federation:
         self.sites: dict[str, subprocess.Popen[bytes]] = {}
         self.edges: dict[str, subprocess.Popen[bytes]] = {}
         self.edge_ports: dict[str, int] = {}
+        self.serve_ports: dict[str, int] = {}
         self.logs = workdir / "logs"
         self.logs.mkdir(parents=True, exist_ok=True)
 
@@ -95,7 +96,13 @@ class Federation:
         return CoordinatorClient(self.url, self.admin_token)
 
     def start_site(
-        self, name: str, data: Path, token: str | None, poll_seconds: float = 5.0, policy: Path | None = None
+        self,
+        name: str,
+        data: Path,
+        token: str | None,
+        poll_seconds: float = 5.0,
+        policy: Path | None = None,
+        serve_port: int | None = None,
     ) -> None:
         args = [
             "site",
@@ -115,6 +122,9 @@ class Federation:
             args += ["--token", token]
         if policy is not None:
             args += ["--policy", str(policy)]
+        if serve_port is not None:
+            args += ["--serve-port", str(serve_port)]
+            self.serve_ports[name] = serve_port
         self.sites[name] = self._spawn(args, f"site-{name}.log")
 
     def start_edge(self, name: str, token: str | None, labels: str, port: int, poll_seconds: float = 1.0) -> None:
@@ -142,6 +152,9 @@ class Federation:
 
     def edge_token(self, name: str) -> str:
         return (self.workdir / "edges" / name / "serving.token").read_text().strip()
+
+    def site_serving_token(self, name: str) -> str:
+        return (self.workdir / "sites" / name / "serving" / "serving.token").read_text().strip()
 
     def kill_site(self, name: str) -> None:
         proc = self.sites[name]

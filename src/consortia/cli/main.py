@@ -151,8 +151,13 @@ def site_run(
     policy: Annotated[
         Path | None, typer.Option(help="the site's own policy (YAML); only this site controls it")
     ] = None,
+    serve_port: Annotated[
+        int | None, typer.Option(help="also serve deployed releases on this port (POST /v1/predict)")
+    ] = None,
+    serve_host: Annotated[str, typer.Option(help="bind address for serving (inside the institution)")] = "127.0.0.1",
 ) -> None:
-    """Enroll (first run), then long-poll for tasks and run them on local data."""
+    """Enroll (first run), then long-poll for tasks and run them on local data; with
+    --serve-port, also serve the releases deployed to this site."""
     import torch
 
     from consortia.site.agent import SiteAgent, load_or_enroll
@@ -165,10 +170,50 @@ def site_run(
     site_name = name or data.stem
     credential = load_or_enroll(coordinator, token, home, site_name)
     agent = SiteAgent(coordinator, credential, data, home, site_name, poll_seconds=poll_seconds, policy=site_policy)
+    if serve_port is not None:
+        _serve_site(coordinator, home, agent, serve_host, serve_port, site_policy.deployments_require_local_approval)
     try:
         agent.run()
     except KeyboardInterrupt:
         agent.stop.set()
+
+
+def _serve_site(coordinator: str, home: Path, agent: Any, host: str, port: int, local_approval: bool) -> None:
+    """The site's serving endpoint: an edge agent enrolled with the site's own credential."""
+    import threading
+
+    import uvicorn
+
+    from consortia.edge.agent import EdgeAgent
+
+    edge = EdgeAgent(
+        coordinator,
+        home / "serving",
+        poll_seconds=2.0,
+        enroll=lambda: agent.client.post_json("/v1/sites/me/serving-device", {}),
+        require_local_approval=local_approval,
+    )
+    server = uvicorn.Server(uvicorn.Config(edge.app, host=host, port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    threading.Thread(target=edge.run, daemon=True).start()
+    err.print(f"site serving on http://{host}:{port}/v1/predict (token in {home / 'serving' / 'serving.token'})")
+
+
+@site_app.command("approve-release")
+def site_approve_release(
+    ref: Annotated[str, typer.Argument(help="MODEL:VERSION")],
+    home: Annotated[Path, typer.Option(help="the site's home (as given to `site run`)")],
+) -> None:
+    """Approve, locally, a release deployed to this site (policy: deployments_require_local_approval)."""
+    from consortia.governance import parse_ref
+
+    model, version = parse_ref(ref)
+    if version is None:
+        raise ConsortiaError(f"give MODEL:VERSION, not {ref!r}.")
+    path = home / "serving" / "approvals" / f"{model}-{version}"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"approved": ref, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
+    console.print(f"{ref} approved locally for this site; its serving agent installs it on its next poll.")
 
 
 # ---------------------------------------------------------------------------- jobs

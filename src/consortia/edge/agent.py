@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,8 @@ class EdgeAgent:
         labels: dict[str, str] | None = None,
         poll_seconds: float = 5.0,
         serving_token: str | None = None,
+        enroll: Callable[[], dict[str, Any]] | None = None,
+        require_local_approval: bool = False,
     ) -> None:
         from consortia.site.client import CoordinatorClient
 
@@ -64,8 +67,9 @@ class EdgeAgent:
         self.home = home
         self.home.mkdir(parents=True, exist_ok=True)
         self.poll_seconds = poll_seconds
+        self.require_local_approval = require_local_approval
         self.stop = threading.Event()
-        ident = self._identity(token, name, labels or {})
+        ident = self._identity(token, name, labels or {}, enroll)
         self.device_id = f"{ident['tenant']}/{ident['name']}"
         self.client = CoordinatorClient(self.coordinator, ident["credential"], timeout=30.0)
         self.director = serialization.load_pem_public_key((home / "director.pub.pem").read_bytes())
@@ -94,16 +98,23 @@ class EdgeAgent:
 
     # ------------------------------------------------------------------ identity and state
 
-    def _identity(self, token: str | None, name: str | None, labels: dict[str, str]) -> dict[str, Any]:
+    def _identity(
+        self, token: str | None, name: str | None, labels: dict[str, str], enroll: Callable[[], dict[str, Any]] | None
+    ) -> dict[str, Any]:
         path = self.home / "device.json"
         if path.exists():
             return json.loads(path.read_text())  # type: ignore[no-any-return]
-        if not token or not name:
-            raise AuthError(f"no credential in {path}: pass the device enrollment --token and a --name.")
-        from consortia.site.client import CoordinatorClient
+        if enroll is not None:  # e.g. a site enrolling its own serving endpoint with its site credential
+            out = enroll()
+        else:
+            if not token or not name:
+                raise AuthError(f"no credential in {path}: pass the device enrollment --token and a --name.")
+            from consortia.site.client import CoordinatorClient
 
-        with CoordinatorClient(self.coordinator) as c:
-            out = c.post_json("/v1/devices/enroll", {"enrollment_token": token, "device_name": name, "labels": labels})
+            with CoordinatorClient(self.coordinator) as c:
+                out = c.post_json(
+                    "/v1/devices/enroll", {"enrollment_token": token, "device_name": name, "labels": labels}
+                )
         (self.home / "tuf").mkdir(parents=True, exist_ok=True)
         (self.home / "tuf" / "root.json").write_text(out["tuf_root"])
         (self.home / "director.pub.pem").write_text(out["director_public_key"])
@@ -146,7 +157,9 @@ class EdgeAgent:
                 body = verify_instruction(self.director, signed, self.device_id, self.state["counter"])
                 self._apply(body)
             except ConsortiaError as exc:
-                self.status, self.reason = ("serving" if self.release else "failed"), exc.message
+                held = self.status == "held"
+                self.status = "held" if held else ("serving" if self.release else "failed")
+                self.reason = exc.message
                 log.warning("instruction not applied: %s", exc.message)
             except Exception as exc:  # a TUF refusal (rollback, freeze, bad signature, hash mismatch)
                 self.status, self.reason = ("serving" if self.release else "failed"), f"{type(exc).__name__}: {exc}"
@@ -169,6 +182,12 @@ class EdgeAgent:
             self.state["counter"] = body["counter"]
             self._save_lkg()
             return
+        if self.require_local_approval and not self.approval_path(release).exists():
+            self.status = "held"
+            raise ReleaseError(
+                f"{release['model']}:{release['version']} waits for this site's local approval: "
+                f"consortia site approve-release {release['model']}:{release['version']} --home ..."
+            )
         self.status = "installing"
         target = self._dir(release)
         self.updater.fetch_release(release["model"], release["version"], target)
@@ -184,6 +203,9 @@ class EdgeAgent:
         self._save_lkg()
         self.status, self.reason = "serving", None
         log.info("now serving %s", new.ref)
+
+    def approval_path(self, release: dict[str, Any]) -> Path:
+        return self.home / "approvals" / f"{release['model']}-{release['version']}"
 
     def report(self) -> None:
         serving = self.app.state.serving

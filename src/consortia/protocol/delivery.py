@@ -59,7 +59,7 @@ class DeviceEnrolled(BaseModel):
 
 
 class DeviceReport(_Strict):
-    state: Literal["idle", "serving", "installing", "failed"]
+    state: Literal["idle", "serving", "installing", "failed", "held"]
     serving: str | None = Field(default=None, max_length=200, description="model:version being served")
     reason: str | None = Field(default=None, max_length=2000)
     counter: int = Field(default=0, ge=0, description="last instruction counter applied")

@@ -26,6 +26,7 @@ def _devices(request: Request) -> DeviceService:
 
 Devices = Annotated[DeviceService, Depends(_devices)]
 DevicePrincipal = Annotated[Principal, principal_with("device")]
+SitePrincipal = Annotated[Principal, principal_with("site")]
 Operator = Annotated[Principal, principal_with("operator")]
 Reader = Annotated[Principal, principal_with("operator", "auditor", "approver", "promoter")]
 Anyone = Annotated[Principal, principal_with("operator", "auditor", "approver", "promoter", "site", "device")]
@@ -41,6 +42,12 @@ async def device_token(tenant: str, devices: Devices, who: Operator) -> dict[str
 async def enroll(body: DeviceEnrollRequest, devices: Devices) -> DeviceEnrolled:
     """Exchange a device enrollment token for a credential, the TUF root and the director key."""
     return devices.enroll(body)
+
+
+@router.post("/sites/me/serving-device", status_code=201, response_model=DeviceEnrolled)
+async def site_serving_device(devices: Devices, who: SitePrincipal) -> DeviceEnrolled:
+    """Enroll the calling site's serving endpoint as a device (labels kind=site, site=NAME)."""
+    return devices.site_serving_device(who)
 
 
 @router.get("/devices/me/instruction")

@@ -66,6 +66,23 @@ class DeviceService:
             director_public_key=self.keys.director_public_pem,
         )
 
+    def site_serving_device(self, principal: Principal) -> DeviceEnrolled:
+        """Enroll the calling site's own serving endpoint as a device of its tenant, labelled
+        ``kind=site, site=<name>``, so rollouts can target sites like any cohort."""
+        if principal.role != "site" or principal.site_id is None or principal.tenant is None:
+            raise PermissionDeniedError("only a site credential enrolls its serving endpoint.")
+        site = next(s for s in self.store.list_sites(principal.tenant_id) if s.id == principal.site_id)
+        token = new_token("enroll")
+        expires = utcnow() + timedelta(minutes=5)
+        self.store.add_enrollment_token(
+            site.tenant_id, site.tenant, hash_token(token), expires, principal.name, kind="device"
+        )
+        return self.enroll(
+            DeviceEnrollRequest(
+                enrollment_token=token, device_name=f"{site.name}-serving", labels={"kind": "site", "site": site.name}
+            )
+        )
+
     def _me(self, principal: Principal) -> Device:
         if principal.role != "device" or principal.device_id is None:
             raise PermissionDeniedError("only a device credential may do this.")

@@ -174,6 +174,7 @@ class RolloutService:
                 devices[i]
                 for i in targets
                 if (devices[i].report or {}).get("attempted", 0) >= devices[i].counter
+                and (devices[i].report or {}).get("state") != "held"  # a site waiting for local approval: wait
                 and (devices[i].report or {}).get("reason")
                 and (devices[i].report or {}).get("serving") != ref
             ]
