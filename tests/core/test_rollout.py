@@ -41,7 +41,7 @@ def test_verdicts_pass_fail_and_inconclusive():
     shifted = evaluate_sample(ANALYSIS, [report(hist=(0, 0, 10, 90))], base)
     assert shifted.verdict == "fail" and shifted.reasons[0].startswith("prediction_shift = ")
     quiet = evaluate_sample(ANALYSIS, [report(pred=5, hist=(5, 0, 0, 0))], base)
-    assert quiet.verdict == "inconclusive" and quiet.values["prediction_shift"] is None
+    assert quiet.verdict == "inconclusive" and quiet.insufficient and quiet.values["prediction_shift"] is None
     no_baseline = evaluate_sample(ANALYSIS, [report()], [])
     assert no_baseline.verdict == "inconclusive" and no_baseline.reasons == ["prediction_shift: no data"]
 

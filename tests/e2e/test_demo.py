@@ -41,7 +41,11 @@ def test_demo_registers_prints_card_promotes_with_approvals_and_reports(tmp_path
     reg = r["registry"]
     assert (reg["model"], reg["version"], reg["stage"], reg["signed"]) == ("credit-risk", 1, "production", True)
     assert reg["approvals"] == sorted(r["sites"]) and reg["audit_verified"] is True
-    assert set(r) >= {"scenario", "seed", "federated", "centralized", "local_only", "registry", "job_id"}
+    assert set(r) >= {"scenario", "seed", "federated", "centralized", "local_only", "registry", "job_id", "delivery"}
+    # delivery: a canary rollout to the sites' serving endpoints, every site ends serving the release
+    assert r["delivery"]["state"] == "succeeded", r["delivery"]
+    assert r["delivery"]["serving"] == {site: "credit-risk:1" for site in r["sites"]}
+    assert "rollout 1: succeeded" in out.stdout
     # the approvers' private keys were written on their side, owner-only
     for site in r["sites"]:
         key = tmp_path / "ws" / "approvers" / f"{site}.pem"

@@ -8,6 +8,7 @@ local-only) are computed here, in the harness, clearly outside the coordinator.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -224,7 +225,13 @@ def run_demo(
             for site, path in paths.items():
                 # Banks and hospitals are all regulated institutions.
                 out = c.post_json("/v1/tenants", {"name": site, "regulated": True})
-                fed.start_site(site, path, out["enrollment"]["token"], policy=POLICY_DIR / "site-policy.yaml")
+                fed.start_site(
+                    site,
+                    path,
+                    out["enrollment"]["token"],
+                    policy=POLICY_DIR / "site-policy.yaml",
+                    serve_port=free_port(),
+                )
             fed.wait_sites(len(paths))
             (workdir / "job.yaml").write_text(json.dumps(sc.spec, indent=2))
             job = c.post_json("/v1/jobs", sc.spec)
@@ -236,6 +243,7 @@ def run_demo(
             if job["state"] != "completed":
                 raise ConsortiaError(f"job {job['id']} {job['state']}: {job['reason']}")
             registry = govern(fed, c, job, sc.promotion_policy, workdir, console)
+            delivery = deliver(fed, c, registry, sc.partitions, sc.spec, console)
         console.print("computing baselines (harness-side, outside the coordinator) ...")
         base = centralized_and_local(sc.spec, sc.partitions)
         fm = job["final_metrics"]
@@ -254,6 +262,7 @@ def run_demo(
             "local_only": base["local_only"],
             "job_id": job["id"],
             "registry": registry,
+            "delivery": delivery,
             "wall_seconds": round(time.monotonic() - started, 2),
         }
         _print_table(console, result)
@@ -339,6 +348,109 @@ def govern(
         "approvals": sorted({a["tenant"] for a in final["approvals"] if a["decision"] == "approve"}),
         "audit_verified": verdict.ok,
     }
+
+
+ROLLOUT_PLAN = {
+    "target": {"selector": {"kind": "site"}},
+    "steps": [
+        {"set_weight": 50},
+        {
+            "analysis": {
+                "interval_seconds": 1.0,
+                "samples": 2,
+                "failure_limit": 0,
+                "min_predictions": 20,
+                "metrics": [{"name": "error_rate", "max": 0.01}, {"name": "latency_p99", "max": 0.05}],
+            }
+        },
+        {"set_weight": 100},
+    ],
+    "install_timeout_seconds": 120,
+}
+
+
+def deliver(
+    fed: Federation,
+    admin: Any,
+    registry: dict[str, Any],
+    partitions: dict[str, Any],
+    spec: dict[str, Any],
+    console: Console,
+) -> dict[str, Any] | None:
+    """After promotion: a canary rollout of the production release to the sites' serving
+    endpoints, with each bank's own rows as traffic (the harness stands in for the bank's
+    internal applications), then the table of what each site serves."""
+    import threading
+
+    if registry["stage"] != "production":
+        console.print(f"delivery: {registry['model']}:{registry['version']} is not in production; nothing to deploy.")
+        return None
+    ref = f"{registry['model']}:{registry['version']}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # every site's serving endpoint enrolled and reporting
+        devices = admin.get_json("/v1/devices")
+        if len([d for d in devices if d["labels"].get("kind") == "site" and d["report"]]) >= len(fed.serve_ports):
+            break
+        time.sleep(0.3)
+    features = [f["name"] for f in spec["features"]]
+    rows = {
+        site: [
+            {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+            for r in frame[features].head(200).to_dict("records")
+        ]
+        for site, frame in partitions.items()
+    }
+    stop = threading.Event()
+
+    def traffic() -> None:
+        i = 0
+        with httpx.Client(timeout=10) as c:
+            while not stop.is_set():
+                for site, port in fed.serve_ports.items():
+                    batch = rows[site][(i * 10) % 190 : (i * 10) % 190 + 10]
+                    with contextlib.suppress(httpx.TransportError):
+                        c.post(
+                            f"http://127.0.0.1:{port}/v1/predict",
+                            json={"rows": batch},
+                            headers={"Authorization": f"Bearer {fed.site_serving_token(site)}"},
+                        )
+                i += 1
+                time.sleep(0.05)
+
+    feeder = threading.Thread(target=traffic, daemon=True)
+    feeder.start()
+    try:
+        r = admin.post_json(
+            "/v1/rollouts", {"model": registry["model"], "version": registry["version"], "plan": ROLLOUT_PLAN}
+        )
+        console.print(f"rollout {r['id']}: canary of {ref} to the sites' serving endpoints (50% -> analysis -> 100%)")
+        deadline = time.monotonic() + 180
+        while r["state"] == "running" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            r = admin.get_json(f"/v1/rollouts/{r['id']}")
+        time.sleep(2.5)  # one more report from every site with traffic on the new release
+    finally:
+        stop.set()
+        feeder.join(timeout=10)
+    table = Table("site", "serving", "state", "predictions", "p99 ms", title=f"rollout {r['id']}: {r['state']}")
+    serving: dict[str, Any] = {}
+    for d in sorted(admin.get_json("/v1/devices"), key=lambda d: d["name"]):
+        if d["labels"].get("kind") != "site":
+            continue
+        rep = d["report"] or {}
+        serving[d["labels"]["site"]] = rep.get("serving")
+        p99 = rep.get("latency_p99")
+        table.add_row(
+            d["labels"]["site"],
+            rep.get("serving") or "-",
+            rep.get("state") or "-",
+            str(rep.get("predictions", 0)),
+            f"{p99 * 1000:.2f}" if p99 else "-",
+        )
+    console.print(table)
+    for h in r["progress"]["history"]:
+        console.print(f"  step {h['step'] + 1}: {', '.join(f'{k} {v}' for k, v in h.items() if k != 'step')}")
+    return {"rollout": r["id"], "state": r["state"], "reason": r["reason"], "serving": serving}
 
 
 def _f(x: Any) -> str:

@@ -96,6 +96,7 @@ class Sample:
     verdict: str
     values: dict[str, float | None]
     reasons: list[str]
+    insufficient: bool = False  # too little canary traffic yet: the driver waits rather than counting it
 
     def as_dict(self) -> dict[str, Any]:
         return {"verdict": self.verdict, "values": self.values, "reasons": self.reasons}
@@ -124,9 +125,8 @@ def evaluate_sample(analysis: Analysis, canary: list[dict[str, Any]], baseline: 
         values["prediction_shift"] = psi(cur, ref)
     reasons: list[str] = []
     if predictions + errors < analysis.min_predictions:
-        return Sample(
-            "inconclusive", values, [f"only {predictions + errors} canary requests; need {analysis.min_predictions}"]
-        )
+        reason = f"only {predictions + errors} canary requests; need {analysis.min_predictions}"
+        return Sample("inconclusive", values, [reason], insufficient=True)
     failed = inconclusive = False
     for m in analysis.metrics:
         v = values[m.name]

@@ -202,8 +202,11 @@ class RolloutService:
         # baseline: the cohort devices still on another release (the fleet the canary is compared with)
         baseline = [d.report or {} for d in devices.values() if (d.report or {}).get("serving") not in (None, ref)]
         sample = evaluate_sample(analysis, canary, baseline)
-        p["samples"].append(sample.as_dict())
         p["last_sample"] = now
+        patience = 10 * analysis.samples * analysis.interval_seconds
+        if sample.insufficient and now - p["step_started"] < patience:
+            return  # not enough canary traffic yet: wait for it rather than count an empty sample
+        p["samples"].append(sample.as_dict())
         fails = sum(s["verdict"] == "fail" for s in p["samples"])
         self.store.update_rollout(
             r["id"],
