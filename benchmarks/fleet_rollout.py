@@ -125,7 +125,12 @@ def main(n_real: int, n_sim: int) -> None:
 
             def drive() -> None:
                 while not stop.is_set():
-                    list(pool.map(lambda d: d.step(), sims))
+                    try:
+                        list(pool.map(lambda d: d.step(), sims))
+                    except httpx.TransportError:
+                        if stop.is_set():
+                            return  # the coordinator was stopped at the end of the run
+                        raise
                     stop.wait(1.0)
 
             threading.Thread(target=drive, daemon=True).start()
