@@ -26,6 +26,7 @@ from consortia.protocol.governance import ApprovalRequest, approval_message, new
 __all__ = [
     "download_release",
     "parse_ref",
+    "parse_versioned_ref",
     "statement_digest",
     "verify_release",
     "keygen",
@@ -157,6 +158,14 @@ def parse_ref(ref: str) -> tuple[str, int | None]:
     if not version.isdigit() or int(version) < 1:
         raise ValidationError(f"version in {ref!r} must be a positive integer, e.g. {name}:1.")
     return name, int(version)
+
+
+def parse_versioned_ref(ref: str) -> tuple[str, int]:
+    """``NAME:VERSION`` -> (name, version); a bare name is an error that shows the form."""
+    name, version = parse_ref(ref)
+    if version is None:
+        raise ValidationError(f"give NAME:VERSION (e.g. {name}:1), not {ref!r}.")
+    return name, version
 
 
 def statement_digest(signature_bundle: bytes) -> tuple[str, dict[str, str]]:

@@ -94,11 +94,9 @@ def edge_assign(
     home: HomeOpt = None,
 ) -> None:
     """Sign instructions for every matching device to run MODEL:VERSION."""
-    from consortia.governance import parse_ref
+    from consortia.governance import parse_versioned_ref
 
-    model, version = parse_ref(ref)
-    if version is None:
-        raise ValidationError(f"give MODEL:VERSION, not {ref!r}.")
+    model, version = parse_versioned_ref(ref)
     with client(coordinator, token, home) as c:
         out = c.post_json(
             "/v1/devices/assign", {"model": model, "version": version, "selector": _labels(selector), "tenant": tenant}
@@ -165,11 +163,9 @@ def rollout_start(
 ) -> None:
     """Start rolling MODEL:VERSION out to the plan's cohort, step by step."""
     from consortia.cli.governance import read_yaml
-    from consortia.governance import parse_ref
+    from consortia.governance import parse_versioned_ref
 
-    model, version = parse_ref(ref)
-    if version is None:
-        raise ValidationError(f"give MODEL:VERSION, not {ref!r}.")
+    model, version = parse_versioned_ref(ref)
     with client(coordinator, token, home) as c:
         r = c.post_json("/v1/rollouts", {"model": model, "version": version, "plan": read_yaml(plan)})
     _print_rollout(r)

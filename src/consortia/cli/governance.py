@@ -28,12 +28,9 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON")]
 
 
 def _ref(ref: str, need_version: bool = True) -> tuple[str, int | None]:
-    from consortia.governance import parse_ref
+    from consortia.governance import parse_ref, parse_versioned_ref
 
-    name, version = parse_ref(ref)
-    if need_version and version is None:
-        raise ValidationError(f"give NAME:VERSION (e.g. {name}:1), not {ref!r}.")
-    return name, version
+    return parse_versioned_ref(ref) if need_version else parse_ref(ref)
 
 
 def _f(x: Any) -> str:

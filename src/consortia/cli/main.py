@@ -205,11 +205,9 @@ def site_approve_release(
     home: Annotated[Path, typer.Option(help="the site's home (as given to `site run`)")],
 ) -> None:
     """Approve, locally, a release deployed to this site (policy: deployments_require_local_approval)."""
-    from consortia.governance import parse_ref
+    from consortia.governance import parse_versioned_ref
 
-    model, version = parse_ref(ref)
-    if version is None:
-        raise ConsortiaError(f"give MODEL:VERSION, not {ref!r}.")
+    model, version = parse_versioned_ref(ref)
     path = home / "serving" / "approvals" / f"{model}-{version}"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"approved": ref, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}))
