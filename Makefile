@@ -38,6 +38,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/poll_load.py
 	$(BIN)/python benchmarks/audit_log.py
 	$(BIN)/python benchmarks/edge_latency.py
+	$(BIN)/python benchmarks/delta_update.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

@@ -34,7 +34,10 @@ from consortia.cli.demo import free_port  # noqa: E402
 REPEATS = 2000
 
 
-def make_bundle(directory: Path, recipe: str, options: dict) -> Path:
+def make_bundle(
+    directory: Path, recipe: str, options: dict, version: int = 1, params: dict | None = None, model: str | None = None
+) -> Path:
+    """A real release bundle for the finance schema, written without a job (benchmarks)."""
     from consortia.coordinator.services.releases import write_bundle
     from consortia.datasets.scenarios import load_scenario
     from consortia.ml.recipes import init_params
@@ -51,7 +54,7 @@ def make_bundle(directory: Path, recipe: str, options: dict) -> Path:
         categorical={c: sorted(frame[c].dropna().astype(str).unique().tolist()) for c in cat},
         feature_order=num + cat,
     )
-    params = init_params(recipe, plan.input_dim, options, 0)
+    params = params if params is not None else init_params(recipe, plan.input_dim, options, 0)
     lineage = {
         "job": {"id": 1, "spec_hash": "0" * 64, "spec": spec},
         "preprocessing": plan.model_dump(mode="json"),
@@ -68,8 +71,9 @@ def make_bundle(directory: Path, recipe: str, options: dict) -> Path:
         "software": {"consortia": "bench", "git_revision": None},
         "card": {},
     }
-    v = ModelVersion(1, f"bench-{recipe}", 1, 1, "0" * 64, lineage, "candidate", None, datetime.now(UTC))
-    out = directory / recipe
+    name = model or f"bench-{recipe}"
+    v = ModelVersion(version, name, version, version, "0" * 64, lineage, "candidate", None, datetime.now(UTC))
+    out = directory / f"{name}-{version}"
     out.mkdir(parents=True)
     write_bundle(out, v, params)
     return out
