@@ -12,7 +12,6 @@ auditor can pin them out of band.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-__all__ = ["CoordinatorKeys", "fingerprint", "public_pem", "write_private"]
+__all__ = ["CoordinatorKeys", "public_pem", "write_private"]
 
 
 def write_private(path: Path, pem: bytes) -> None:
@@ -35,10 +34,6 @@ def write_private(path: Path, pem: bytes) -> None:
 
 def public_pem(key: Ed25519PrivateKey | ec.EllipticCurvePrivateKey) -> bytes:
     return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-
-
-def fingerprint(public_der_or_raw: bytes) -> str:
-    return hashlib.sha256(public_der_or_raw).hexdigest()
 
 
 def _load_or_create(path: Path, make) -> object:  # type: ignore[no-untyped-def]

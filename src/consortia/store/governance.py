@@ -228,15 +228,6 @@ class GovernanceStore:
                 raise NotFoundError(f"{model}:{version} not found; see `consortia registry show {model}`.")
             return _version(row, model)
 
-    def version_for_job(self, job_id: int) -> ModelVersion | None:
-        with self._tx() as s:
-            row = s.execute(
-                select(ModelVersionRow, RegisteredModelRow.name)
-                .join(RegisteredModelRow)
-                .where(ModelVersionRow.job_id == job_id)
-            ).first()
-            return None if row is None else _version(*row)
-
     def versions_without_release(self) -> list[ModelVersion]:
         with self._tx() as s:
             q = (

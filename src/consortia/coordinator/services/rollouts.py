@@ -134,7 +134,8 @@ class RolloutService:
                 self._advance(r)
 
     def _devices(self, ids: list[int]) -> dict[int, Device]:
-        return {d.id: d for d in self.store.list_devices() if d.id in set(ids)}
+        wanted = set(ids)
+        return {d.id: d for d in self.store.list_devices() if d.id in wanted}
 
     def _advance(self, r: dict[str, Any]) -> None:
         plan = RolloutPlan.model_validate(r["plan"])
@@ -153,6 +154,7 @@ class RolloutService:
         step = plan.steps[p["step"]]
         now = time.time()
         devices = self._devices(p["cohort"])
+        reports = {i: d.report or {} for i, d in devices.items()}
         if step.set_weight is not None:
             want = math.ceil(step.set_weight / 100 * len(p["cohort"]))
             targets = sorted(p["cohort"], key=lambda i: (devices[i].tenant, devices[i].name))[:want]
@@ -173,21 +175,21 @@ class RolloutService:
             failed = [  # a failure reported for *our* instruction (not a stale one)
                 devices[i]
                 for i in targets
-                if (devices[i].report or {}).get("attempted", 0) >= devices[i].counter
-                and (devices[i].report or {}).get("state") != "held"  # a site waiting for local approval: wait
-                and (devices[i].report or {}).get("reason")
-                and (devices[i].report or {}).get("serving") != ref
+                if reports[i].get("attempted", 0) >= devices[i].counter
+                and reports[i].get("state") != "held"  # a site waiting for local approval: wait
+                and reports[i].get("reason")
+                and reports[i].get("serving") != ref
             ]
             if failed:
                 d = failed[0]
-                self._rollback(r, f"device {d.tenant}/{d.name} did not install {ref}: {(d.report or {}).get('reason')}")
+                self._rollback(r, f"device {d.tenant}/{d.name} did not install {ref}: {reports[d.id].get('reason')}")
                 return
-            if all((devices[i].report or {}).get("serving") == ref for i in targets):
+            if all(reports[i].get("serving") == ref for i in targets):
                 self._next(
                     r, p, {"set_weight": step.set_weight, "converged_seconds": round(now - p["step_started"], 2)}
                 )
             elif now - p["step_started"] > plan.install_timeout_seconds:
-                late = [devices[i].name for i in targets if (devices[i].report or {}).get("serving") != ref]
+                late = [devices[i].name for i in targets if reports[i].get("serving") != ref]
                 self._rollback(r, f"devices {late} did not serve {ref} within {plan.install_timeout_seconds:.0f}s")
             return
         if step.hold_seconds is not None:
@@ -198,9 +200,9 @@ class RolloutService:
         assert analysis is not None
         if now - p["last_sample"] < analysis.interval_seconds:
             return
-        canary = [devices[i].report or {} for i in p["moved"] if (devices[i].report or {}).get("serving") == ref]
+        canary = [reports[i] for i in p["moved"] if reports[i].get("serving") == ref]
         # baseline: the cohort devices still on another release (the fleet the canary is compared with)
-        baseline = [d.report or {} for d in devices.values() if (d.report or {}).get("serving") not in (None, ref)]
+        baseline = [rep for rep in reports.values() if rep.get("serving") not in (None, ref)]
         sample = evaluate_sample(analysis, canary, baseline)
         p["last_sample"] = now
         patience = 10 * analysis.samples * analysis.interval_seconds
