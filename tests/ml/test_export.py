@@ -3,6 +3,8 @@ the agreed preprocessing, for every recipe; weights as content-addressed externa
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import onnxruntime as ort
 import pandas as pd
@@ -53,7 +55,8 @@ def test_tabular_graph_matches_torch_on_real_rows_with_missing_and_unknown_value
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert len(tensors) == len(params)
     for t in tensors.values():
-        assert (tmp_path / t["path"]).stat().st_size == t["size"] and t["path"] == f"tensors/{t['sha256']}.bin"
+        data = (tmp_path / t["path"]).read_bytes()
+        assert len(data) == t["size"] and hashlib.sha256(data).hexdigest() == t["sha256"]
 
 
 def test_cnn_graph_matches_torch(tmp_path):
@@ -70,3 +73,17 @@ def test_sample_inputs_cover_spread_missing_and_unknown():
     plan = PreprocessingPlan(numeric={"x": (10.0, 2.0)}, categorical={"c": ["a", "b"]}, feature_order=["x", "c"])
     s = sample_inputs(plan, [{"name": "x", "type": "numeric"}, {"name": "c", "type": "categorical"}])
     assert s == {"x": [8.0, 10.0, 12.0, None], "c": ["a", "b", "<not-in-vocabulary>", None]}
+
+
+def test_graph_is_shared_by_releases_of_one_architecture(tmp_path):
+    """Tensor locations never depend on values: a retrain (or an adapter) changes tensor
+    files only, so a device holding the base downloads no new graph."""
+    plan = PreprocessingPlan(numeric={"x": (0.0, 1.0)}, categorical={"c": ["a", "b"]}, feature_order=["x", "c"])
+    graphs, shas = [], []
+    for seed in (1, 2):
+        params = init_params("mlp", plan.input_dim, {"hidden": [4]}, seed=seed)
+        graph, tensors = externalize(export_onnx("mlp", {"hidden": [4]}, params, plan), tmp_path / str(seed))
+        graphs.append(graph)
+        shas.append({t["sha256"] for t in tensors.values()})
+    assert graphs[0] == graphs[1]
+    assert not shas[0] & shas[1]

@@ -4,8 +4,10 @@ Four top-level roles: root (2 keys, threshold 2), targets, snapshot, timestamp (
 each), all Ed25519 keys created on first start under ``HOME/keys/tuf`` (mode 0600).
 Consistent snapshots: versioned metadata (``N.root.json``, ``N.targets.json``,
 ``N.snapshot.json``, plus ``timestamp.json``), and targets served as
-``<dir>/<sha256>.<name>``; target bytes live in the content-addressed blob store, so a
-tensor shared by two releases is one target file, downloaded once per device.
+``<dir>/<sha256>.<name>``; target bytes live in the content-addressed blob store. A
+release is its manifest (``releases/<model>/<version>/manifest.json``) plus its parts as
+``parts/<sha256>``, so a part shared by two releases (base tensors, graph, config) is one
+target, downloaded once per device.
 
 Expiry is short where TUF wants it (timestamp 1 day, snapshot 7 days) and the coordinator
 re-signs the timestamp well before it lapses; a device whose coordinator disappears keeps
@@ -189,8 +191,8 @@ class TufRepository:
         return paths
 
     def publish_bundle(self, bundle: Path) -> dict[str, Any]:
-        """Publish a verified release bundle: its manifest and parts as targets (tensors
-        under their shared content-addressed paths). Returns the manifest."""
+        """Publish a verified release bundle: its manifest and its parts as shared
+        content-addressed targets. Returns the manifest."""
         manifest = verify_bundle(bundle)
         self.publish({target: (bundle / rel).read_bytes() for rel, target in release_target_paths(manifest).items()})
         return manifest

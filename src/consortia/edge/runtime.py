@@ -1,11 +1,15 @@
 """Run a release: verify the bundle, then predict with ONNX Runtime. No torch needed.
 
 A release bundle is a directory with ``manifest.json`` listing every part by role, path,
-SHA-256 and size (the ONNX graph, one file per weight tensor, config, signed smoke-test
-sample, model card, lineage) and a slot for a vector-index snapshot. :func:`verify_bundle`
-refuses a partial bundle (a part missing) and a mixed one (a part whose hash is not this
-release's, or a file that is not part of it). :func:`load_release` verifies, opens an ONNX Runtime session and
-runs the smoke test before handing the release out::
+SHA-256 and size (the ONNX graph, one file per weight tensor, config, smoke-test sample
+inputs, model card, lineage), the outputs the trained model gives for the sample, and a
+slot for a vector-index snapshot. :func:`verify_bundle` refuses a partial bundle (a part
+missing) and a mixed one (a part whose hash is not this release's, or a file that is not
+part of it). Devices hold the *inference* parts only (graph, tensors, config, sample);
+the card and lineage are governance documents listed by hash and fetched on demand, so
+``verify_bundle(path, documents=False)`` accepts their absence but still checks them when
+present. :func:`load_release` verifies, opens an ONNX Runtime session and runs the smoke
+test before handing the release out::
 
     release = consortia.load_release("rel/bundle")
     probabilities = release.predict(frame)          # pandas DataFrame or {column: values}
@@ -25,9 +29,18 @@ import numpy as np
 
 from consortia.errors import ReleaseError, ValidationError
 
-__all__ = ["FORMAT", "MISSING", "Release", "load_release", "release_target_paths", "verify_bundle"]
+__all__ = [
+    "DOCUMENT_ROLES",
+    "FORMAT",
+    "MISSING",
+    "Release",
+    "load_release",
+    "release_target_paths",
+    "verify_bundle",
+]
 
-FORMAT = "consortia-release/2"
+FORMAT = "consortia-release/3"
+DOCUMENT_ROLES = frozenset({"card", "lineage"})  # governance documents, not needed to predict
 MISSING = "<missing>"  # how training saw a missing categorical value (consortia.ml.data.MISSING)
 
 
@@ -39,9 +52,10 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def verify_bundle(path: str | Path) -> dict[str, Any]:
+def verify_bundle(path: str | Path, *, documents: bool = True) -> dict[str, Any]:
     """Check a bundle against its manifest; returns the manifest or raises
-    :class:`ReleaseError` naming the first problem."""
+    :class:`ReleaseError` naming the first problem. With ``documents=False`` the card and
+    lineage may be absent (a device's bundle); every part present is checked either way."""
     root = Path(path)
     mpath = root / "manifest.json"
     if not mpath.is_file():
@@ -52,12 +66,17 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
         raise ReleaseError(f"{mpath} is not valid JSON: {exc}") from exc
     if manifest.get("format") != FORMAT:
         raise ReleaseError(f"unsupported release format {manifest.get('format')!r}; expected {FORMAT!r}.")
+    sample = manifest.get("sample")
+    if not isinstance(sample, dict) or not isinstance(sample.get("expected"), list):
+        raise ReleaseError("manifest has no smoke-test outputs ('sample.expected'); the release cannot be checked.")
     listed = {"manifest.json"}
     for part in manifest["parts"]:
         rel = part["path"]
         if rel.startswith("/") or ".." in Path(rel).parts:
             raise ReleaseError(f"part path {rel!r} escapes the bundle.")
         f = root / rel
+        if not f.is_file() and not documents and part["role"] in DOCUMENT_ROLES:
+            continue
         if not f.is_file():
             raise ReleaseError(f"partial bundle: {part['role']} part {rel} is missing.")
         if f.stat().st_size != part["size"]:
@@ -71,12 +90,14 @@ def verify_bundle(path: str | Path) -> dict[str, Any]:
     return manifest  # type: ignore[no-any-return]
 
 
-def release_target_paths(manifest: dict[str, Any]) -> dict[str, str]:
-    """Bundle path -> TUF target path: tensors are shared by hash, the rest per release."""
-    base = f"releases/{manifest['model']}/{manifest['version']}"
-    out = {"manifest.json": f"{base}/manifest.json"}
+def release_target_paths(manifest: dict[str, Any], *, documents: bool = True) -> dict[str, str]:
+    """Bundle path -> TUF target path. Parts are content-addressed (``parts/<sha256>``),
+    so whatever two releases share (base tensors, graph, config, sample) is one target
+    and a device downloads it once; only the manifest is per release."""
+    out = {"manifest.json": f"releases/{manifest['model']}/{manifest['version']}/manifest.json"}
     for part in manifest["parts"]:
-        out[part["path"]] = part["path"] if part["role"] == "tensor" else f"{base}/{part['path']}"
+        if documents or part["role"] not in DOCUMENT_ROLES:
+            out[part["path"]] = f"parts/{part['sha256']}"
     return out
 
 
@@ -199,10 +220,11 @@ class Release:
 
     def smoke_test(self) -> None:
         """Run the signed sample input and compare with the expected output."""
-        sample = json.loads((self.path / self.manifest_part("sample")).read_text())
-        got = self.predict(sample["inputs"])
-        want = np.asarray(sample["expected"], dtype=np.float64)
-        if got.shape != want.shape or not np.allclose(got, want, atol=sample.get("tolerance", 1e-5), rtol=0):
+        inputs = json.loads((self.path / self.manifest_part("sample")).read_text())
+        signed = self.manifest["sample"]
+        got = self.predict(inputs)
+        want = np.asarray(signed["expected"], dtype=np.float64)
+        if got.shape != want.shape or not np.allclose(got, want, atol=float(signed.get("tolerance", 1e-5)), rtol=0):
             worst = float(np.max(np.abs(got - want))) if got.shape == want.shape else float("inf")
             raise ReleaseError(
                 f"{self.ref} failed its smoke test: outputs differ from the signed sample by {worst:.3g}."
@@ -220,7 +242,7 @@ def load_release(path: str | Path, *, smoke_test: bool = True, threads: int = 1)
     import onnxruntime as ort
 
     root = Path(path)
-    manifest = verify_bundle(root)
+    manifest = verify_bundle(root, documents=False)
     config = json.loads((root / next(p["path"] for p in manifest["parts"] if p["role"] == "config")).read_text())
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = threads

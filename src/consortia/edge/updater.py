@@ -2,9 +2,10 @@
 
 :class:`SecureUpdater` wraps ``tuf.ngclient.Updater``: it refreshes the top-level
 metadata from the coordinator's repository (root rotation, rollback, freeze and
-mix-and-match checks, size caps), then downloads only the release files the device does
-not already hold (tensors are shared targets named by hash) into its cache and assembles
-the bundle, which :func:`~consortia.edge.runtime.verify_bundle` checks before anything
+mix-and-match checks, size caps), then downloads only the release parts the device does
+not already hold (parts are targets named by their hash, so a base shared by two releases
+is downloaded once; card and lineage are left to the registry) into its cache and
+assembles the bundle, which :func:`~consortia.edge.runtime.verify_bundle` checks before anything
 runs. Metadata stays in ``HOME/tuf`` between runs: that is what makes rollback
 protection work.
 
@@ -129,12 +130,12 @@ class SecureUpdater:
             )
         staging = into.with_name(into.name + ".staging")
         shutil.rmtree(staging, ignore_errors=True)
-        for bundle_path, target_path in release_target_paths(manifest).items():
+        for bundle_path, target_path in release_target_paths(manifest, documents=False).items():
             src = self._get(updater, target_path)
             dst = staging / bundle_path
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.link(src, dst)  # the cache keeps one copy; bundles are hard links
-        verify_bundle(staging)
+        verify_bundle(staging, documents=False)
         old = into.with_name(into.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
         if into.exists():

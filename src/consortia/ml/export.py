@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -134,15 +135,16 @@ def export_onnx(
 
 
 def externalize(model: onnx.ModelProto, directory: Path) -> tuple[bytes, dict[str, dict[str, Any]]]:
-    """Move each initializer's bytes to ``directory/tensors/<sha256>.bin``; returns the
-    graph bytes (weights referenced, not included) and ``{tensor name: {path, sha256,
-    size}}``."""
+    """Move each initializer's bytes to ``directory/tensors/<index>_<name>.bin``; returns
+    the graph bytes (weights referenced, not included) and ``{tensor name: {path, sha256,
+    size}}``. Locations depend on the tensor's place and name only, never on its values,
+    so two releases of one architecture share the graph byte for byte and differ only in
+    the tensors that changed (a device holding the base downloads just an adapter)."""
     (directory / "tensors").mkdir(parents=True, exist_ok=True)
     tensors: dict[str, dict[str, Any]] = {}
-    for t in model.graph.initializer:
+    for i, t in enumerate(model.graph.initializer):
         data = numpy_helper.to_array(t).tobytes() if not t.raw_data else t.raw_data
-        digest = hashlib.sha256(data).hexdigest()
-        rel = f"tensors/{digest}.bin"
+        rel = f"tensors/{i:03d}_{re.sub(r'[^A-Za-z0-9._-]', '_', t.name)[:80]}.bin"
         (directory / rel).write_bytes(data)
         if not t.raw_data:  # normalise typed fields to raw bytes before externalising
             arr = numpy_helper.to_array(t)
@@ -150,7 +152,7 @@ def externalize(model: onnx.ModelProto, directory: Path) -> tuple[bytes, dict[st
         onnx.external_data_helper.set_external_data(t, location=rel, offset=0, length=len(data))
         t.ClearField("raw_data")
         t.data_location = TensorProto.EXTERNAL
-        tensors[t.name] = {"path": rel, "sha256": digest, "size": len(data)}
+        tensors[t.name] = {"path": rel, "sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
     return model.SerializeToString(), tensors
 
 

@@ -6,9 +6,9 @@ A release bundle binds everything inference needs (format ``consortia-release/2`
 agreed preprocessing inside the graph), one file per weight tensor under ``tensors/``
 named by its SHA-256 (ONNX external data: a device never downloads a tensor it holds),
 ``config.json`` (recipe, features, label, preprocessing, threshold), ``sample.json``
-(smoke-test inputs and the outputs the trained model gives), the model card, the lineage,
-and ``manifest.json`` listing every part by role, hash and size, with model, version and
-parameter hash (binding the identity into the signed content) and a slot for a
+(smoke-test inputs), the model card, the lineage, and ``manifest.json`` listing every part
+by role, hash and size, with model, version and parameter hash (binding the identity into
+the signed content), the outputs the trained model gives for the sample, and a slot for a
 vector-index snapshot. ``model_signing`` hashes
 every file into an in-toto statement and signs it (a Sigstore bundle with a DSSE
 envelope, no transparency log: offline). The statement's subject digest is the
@@ -79,14 +79,7 @@ def write_bundle(root: Path, v: ModelVersion, params: dict[str, np.ndarray], thr
     parts.append(_part(root, "config", "config.json", _dump(config)))
     sample = sample_inputs(plan, spec["features"])
     expected = predict(recipe, options, params, transform(pd.DataFrame(sample), plan))
-    parts.append(
-        _part(
-            root,
-            "sample",
-            "sample.json",
-            _dump({"inputs": sample, "expected": [float(x) for x in expected], "tolerance": 1e-5}),
-        )
-    )
+    parts.append(_part(root, "sample", "sample.json", _dump(sample)))
     card = model_card(v)
     card["release_digest"] = None  # unknown until signed; the registry serves the live card
     parts.append(_part(root, "card", "model-card.json", _dump(card)))
@@ -103,9 +96,11 @@ def write_bundle(root: Path, v: ModelVersion, params: dict[str, np.ndarray], thr
         "output": "probability",
         "threshold": threshold,
         "index": None,  # slot for a vector-index snapshot (a later release kind fills it)
+        "sample": {"expected": [float(x) for x in expected], "tolerance": 1e-5},
         "parts": parts,
     }
-    (root / "manifest.json").write_bytes(_dump(manifest))
+    # compact: the manifest is the one file every update moves
+    (root / "manifest.json").write_bytes(json.dumps(manifest, sort_keys=True, separators=(",", ":")).encode())
     return manifest
 
 
