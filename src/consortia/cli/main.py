@@ -337,6 +337,44 @@ def job_watch(
         raise typer.Exit(1)
 
 
+@app.command("adapt")
+def adapt(
+    base: Annotated[str, typer.Argument(help="NAME:VERSION of the released base model")],
+    site: Annotated[str, typer.Option("--site", help="the site that fine-tunes on its own data")],
+    param: Annotated[
+        list[str] | None,
+        typer.Option("--param", help="adapter parameter name or pattern (repeatable); default '@last' (final layer)"),
+    ] = None,
+    model: Annotated[str | None, typer.Option("--model", help="registered model of the composite")] = None,
+    rounds: Annotated[int, typer.Option("--rounds")] = 1,
+    epochs: Annotated[int, typer.Option("--epochs", help="local epochs per round")] = 5,
+    lr: Annotated[float | None, typer.Option("--lr", help="learning rate (default: the base's)")] = None,
+    watch: Annotated[bool, typer.Option("--watch", help="follow the job until it finishes")] = False,
+    coordinator: CoordinatorOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Fine-tune a declared subset of BASE's parameters (e.g. the last layer) at one site on
+    its own data; the result is a composite release (base + adapter) of its own model
+    (default BASE-SITE), versioned, signed and deliverable like any other. Prints the job id."""
+    body: dict[str, Any] = {"base": base, "site": site, "rounds": rounds, "local_epochs": epochs}
+    if param:
+        body["params"] = param
+    if model:
+        body["model"] = model
+    if lr is not None:
+        body["learning_rate"] = lr
+    with _client(coordinator, token, home) as c:
+        job = c.post_json("/v1/jobs/adapt", body)
+        if not watch:
+            print(job["id"])
+            return
+        job = watch_job(c, job["id"])
+    console.print(f"job {job['id']} ({job['name']}): {job['state']}" + (f" ({job['reason']})" if job["reason"] else ""))
+    if job["state"] != "completed":
+        raise typer.Exit(1)
+
+
 @job_app.command("list")
 def job_list(coordinator: CoordinatorOpt = DEFAULT_URL, token: TokenOpt = None, home: HomeOpt = None) -> None:
     """List jobs."""

@@ -8,7 +8,7 @@ plain minibatch SGD on the binary cross-entropy, plus FedProx's proximal term
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,16 @@ import numpy as np
 from consortia.core.params import Params
 from consortia.errors import SpecError
 
-__all__ = ["RECIPES", "TrainResult", "build", "init_params", "predict", "train", "validate_recipe"]
+__all__ = [
+    "RECIPES",
+    "TrainResult",
+    "build",
+    "init_params",
+    "predict",
+    "resolve_adapter",
+    "train",
+    "validate_recipe",
+]
 
 RECIPES = ("logistic_regression", "mlp", "cnn")
 
@@ -102,6 +111,37 @@ def init_params(name: str, input_dim: int, options: Mapping[str, Any], seed: int
     return _to_params(build(name, input_dim, options))
 
 
+def _module_order(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sort key putting ``10.weight`` after ``2.weight`` (module order, not text order)."""
+    return tuple((0, int(x)) if x.isdigit() else (1, x) for x in name.split("."))
+
+
+def resolve_adapter(params: Mapping[str, np.ndarray], patterns: list[str]) -> list[str]:
+    """The explicit parameter names an adapter declaration selects: exact names, fnmatch
+    patterns (``4.*``) or ``@last`` (every tensor of the final layer). Raises
+    :class:`SpecError` when a pattern selects nothing or the selection is the whole
+    model (that is a retrain, not an adapter)."""
+    import fnmatch
+
+    names = sorted(params, key=_module_order)
+    chosen: list[str] = []
+    for pat in patterns:
+        if pat == "@last":
+            layer = names[-1].rsplit(".", 1)[0]
+            hit = [n for n in names if n.rsplit(".", 1)[0] == layer]
+        else:
+            hit = [n for n in names if fnmatch.fnmatchcase(n, pat)]
+        if not hit:
+            raise SpecError(f"adapter parameter {pat!r} matches no parameter of the base; it has {names}.")
+        chosen += [n for n in hit if n not in chosen]
+    if len(chosen) == len(names):
+        raise SpecError(
+            f"the adapter {patterns} selects every parameter of the base: that is a retrain; "
+            "declare a subset (e.g. '@last') or submit a federated job."
+        )
+    return [n for n in names if n in chosen]
+
+
 @dataclass(frozen=True)
 class TrainResult:
     params: Params
@@ -121,8 +161,10 @@ def train(
     lr: float,
     seed: int,
     proximal_mu: float = 0.0,
+    trainable: Collection[str] | None = None,
 ) -> TrainResult:
-    """Local SGD from ``params``; returns the new parameters and the mean training loss."""
+    """Local SGD from ``params``; returns the new parameters and the mean training loss.
+    With ``trainable`` only those parameters move (an adapter); the rest stay frozen."""
     import torch
 
     if len(X) == 0:
@@ -130,8 +172,14 @@ def train(
     gen = torch.Generator().manual_seed(seed)
     model = build(name, X.shape[1], options)
     _load(model, params)
+    if trainable is not None:
+        unknown = sorted(set(trainable) - set(params))
+        if unknown:
+            raise SpecError(f"adapter parameter(s) {unknown} are not parameters of this model.")
+        for pname, p in model.named_parameters():
+            p.requires_grad_(pname in trainable)
     anchor = [p.detach().clone() for p in model.parameters()] if proximal_mu > 0 else None
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=lr)
     loss_fn = torch.nn.BCEWithLogitsLoss()
     Xt, yt = torch.from_numpy(X), torch.from_numpy(y.astype(np.float32))
     model.train()

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "AdapterRequest",
+    "AdapterSpec",
     "CardSpec",
     "CategoricalStats",
     "CredentialCreate",
@@ -118,6 +120,53 @@ class CardSpec(_Strict):
     )
 
 
+VERSIONED_REF = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.\-]{0,62}):([1-9][0-9]{0,8})$")
+
+
+class AdapterSpec(_Strict):
+    """What makes a job an adapter fine-tune: one site trains the named parameters of a
+    registered base version on its own data; everything else stays the base's."""
+
+    base: str = Field(description="NAME:VERSION of the registered base (global) model")
+    site: Name = Field(description="the one site that fine-tunes on its own data")
+    params: list[str] = Field(min_length=1, description="parameter names of the adapter (resolved, explicit)")
+
+    @field_validator("base")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        if not VERSIONED_REF.fullmatch(v):
+            raise ValueError(f"base {v!r} must be NAME:VERSION, e.g. credit-risk:3")
+        return v
+
+
+class AdapterRequest(_Strict):
+    """``consortia adapt``: fine-tune a declared subset of a base model's parameters at
+    one site. The job spec (recipe, features, label, split, preprocessing) is the base's;
+    only these training settings can differ."""
+
+    base: str = Field(description="NAME:VERSION of the registered base model (it must have a signed release)")
+    site: Name
+    params: list[str] = Field(
+        default_factory=lambda: ["@last"],
+        min_length=1,
+        max_length=256,
+        description="parameter names or fnmatch patterns (e.g. '4.*'); '@last' is the final layer",
+    )
+    model: Name | None = Field(default=None, description="registered model of the composite (default BASE-SITE)")
+    rounds: int = Field(default=1, ge=1, le=100)
+    local_epochs: int = Field(default=5, ge=1, le=1000)
+    learning_rate: float | None = Field(default=None, gt=0.0, le=10.0)
+    batch_size: int | None = Field(default=None, ge=1, le=1_000_000)
+    round_deadline_seconds: float | None = Field(default=None, gt=0.0, le=86_400.0)
+
+    @field_validator("base")
+    @classmethod
+    def _ref(cls, v: str) -> str:
+        if not VERSIONED_REF.fullmatch(v):
+            raise ValueError(f"base {v!r} must be NAME:VERSION, e.g. credit-risk:3")
+        return v
+
+
 class JobSpec(_Strict):
     """A federated training job, as written in ``SPEC.yaml``."""
 
@@ -140,6 +189,7 @@ class JobSpec(_Strict):
     seed: int = Field(default=0, ge=0, le=2**31 - 1)
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     tenants: list[str] | None = Field(default=None, description="restrict to these tenants")
+    adapter: AdapterSpec | None = Field(default=None, description="set by `consortia adapt`, not written by hand")
 
     @field_validator("split")
     @classmethod

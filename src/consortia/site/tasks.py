@@ -133,6 +133,7 @@ def handle_train(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     X = transform(p.frame, plan)
     evaluation = _evaluate(ctx, spec, p, params, X[p.val], p.val, with_groups=False)
     mu = float(spec.strategy.options.get("proximal_mu", 0.01)) if spec.strategy.name == "fedprox" else 0.0
+    trainable = spec.adapter.params if spec.adapter is not None else None
     result = recipes.train(
         spec.recipe.name,
         spec.recipe.options,
@@ -144,7 +145,9 @@ def handle_train(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
         lr=spec.learning_rate,
         seed=task_seed(spec, task.round, ctx.name),
         proximal_mu=mu,
+        trainable=trainable,
     )
+    out = result.params if trainable is None else {k: result.params[k] for k in trainable}
     meta = {
         "num_examples": str(result.num_examples),
         "evaluation": evaluation.model_dump_json(),
@@ -152,7 +155,7 @@ def handle_train(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     }
     if ctx.policy.shares("train_loss"):
         meta["train_loss"] = repr(result.loss)
-    body = encode(result.params, meta)
+    body = encode(out, meta)
     return ctx.client.submit_update(task.id, body)
 
 
@@ -198,6 +201,10 @@ def dispatch(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
         if "spec" in task.payload:
             spec = _spec(task)
             refusal = check_task(ctx.policy, task.kind, spec, ctx.frame)
+            if refusal is None and spec.adapter is not None and spec.adapter.site != ctx.name:
+                refusal = PolicyRefusal(
+                    "adapter", f"this adapter is for site {spec.adapter.site!r}; this site is {ctx.name!r}."
+                )
             if refusal is None and task.kind in ("profile", "train"):
                 n_train = len(ctx.prepared(spec).train)
                 if n_train < ctx.policy.min_count:

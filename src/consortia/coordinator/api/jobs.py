@@ -9,7 +9,7 @@ from fastapi import APIRouter, Request
 
 from consortia.coordinator.api.deps import RoundsDep, principal_with
 from consortia.errors import PayloadTooLargeError, PermissionDeniedError, SpecError
-from consortia.protocol.schemas import JobEventPublic, JobPublic, JobsPublic, RoundPublic
+from consortia.protocol.schemas import AdapterRequest, JobEventPublic, JobPublic, JobsPublic, RoundPublic
 from consortia.store.entities import Job, Principal
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -68,6 +68,13 @@ async def submit_job(request: Request, rounds: RoundsDep, who: Submitter) -> Job
     if who.tenant_id is not None:
         raise PermissionDeniedError("jobs span tenants: only consortium-wide operators submit them.")
     return job_public(rounds, rounds.submit(spec, who))
+
+
+@router.post("/adapt", status_code=201, response_model=JobPublic)
+async def adapt(req: AdapterRequest, rounds: RoundsDep, who: Submitter) -> JobPublic:
+    """Fine-tune a declared subset of a released model's parameters at one site on its
+    own data; the job registers the composite (base + adapter) as its own model."""
+    return job_public(rounds, rounds.submit_adapter(req, who))
 
 
 @router.get("", response_model=JobsPublic)

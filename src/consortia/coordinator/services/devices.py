@@ -13,10 +13,10 @@ from consortia.coordinator.tufrepo import TufRepository
 from consortia.edge.updater import sign_instruction
 from consortia.errors import ConflictError, PermissionDeniedError, ValidationError
 from consortia.protocol.delivery import AssignRequest, DeviceEnrolled, DeviceEnrollRequest, DeviceReport
-from consortia.store.entities import Device, Principal, utcnow
+from consortia.store.entities import Device, ModelVersion, Principal, utcnow
 from consortia.store.sqlstore import SqlStore
 
-__all__ = ["INSTRUCTION_TTL", "DeviceService"]
+__all__ = ["INSTRUCTION_TTL", "DeviceService", "check_delivery_scope"]
 
 INSTRUCTION_TTL = timedelta(days=30)
 
@@ -34,6 +34,23 @@ def device_public(d: Device) -> dict[str, Any]:
         "report": d.report,
         "last_seen_at": d.last_seen_at.isoformat() if d.last_seen_at else None,
     }
+
+
+def check_delivery_scope(v: ModelVersion, devices: list[Device]) -> None:
+    """A composite release carries an adapter trained on one site's data: it may run only
+    on devices of that site's tenant (it would otherwise carry what it learned from one
+    institution's data to another)."""
+    comp = v.lineage.get("composite")
+    if not comp:
+        return
+    tenant = comp["adapter"]["tenant"]
+    foreign = sorted({d.tenant for d in devices if d.tenant != tenant})
+    if foreign:
+        raise ConflictError(
+            f"{v.ref} carries an adapter fine-tuned on {comp['adapter']['site']}'s data; it may run only on "
+            f"devices of tenant {tenant!r}, and the selection includes devices of {foreign}. "
+            f"Narrow the target (tenant: {tenant})."
+        )
 
 
 class DeviceService:
@@ -121,6 +138,7 @@ class DeviceService:
         ]
         if not devices:
             raise ValidationError("no active device matches that selector; see `consortia edge list`.")
+        check_delivery_scope(v, devices)
         return self.assign_to([d.id for d in devices], v.model, v.version, principal.name)
 
     def assign_to(self, device_ids: list[int], model: str, version: int, actor: str) -> list[dict[str, Any]]:

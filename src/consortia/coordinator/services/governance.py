@@ -23,7 +23,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from consortia.coordinator.auth import check_tenant
 from consortia.coordinator.keys import CoordinatorKeys
-from consortia.coordinator.services.lineage import card_markdown, model_card
+from consortia.coordinator.services.lineage import card_markdown, contributors, model_card
 from consortia.coordinator.services.releases import ReleaseBuilder
 from consortia.coordinator.tufrepo import TufRepository
 from consortia.core.audit import canonical
@@ -92,6 +92,9 @@ class GovernanceService:
         per = lin["metrics"]["per_tenant"]
         lin["metrics"]["per_tenant"] = {t: (m if t == own else {"redacted": True}) for t, m in per.items()}
         lin["job"]["spec"] = {k: v for k, v in lin["job"]["spec"].items() if k != "tenants"}
+        comp = lin.get("composite")
+        if comp and comp["adapter"]["tenant"] != own:
+            comp["base"]["metrics_at_site"] = {"redacted": True}
         lin["redacted_for"] = own
         return lin
 
@@ -280,7 +283,7 @@ class GovernanceService:
             stage=v.stage,
             pooled={"auc": pooled.get("pooled_auc"), "accuracy": pooled.get("pooled_accuracy")},
             per_tenant=lin["metrics"]["per_tenant"],
-            contributors=sorted(lin["tenants"]),
+            contributors=contributors(lin),
             regulated=regulated,
             fairness=lin["metrics"].get("fairness"),
             production_pooled=prod_pooled,

@@ -18,7 +18,7 @@ from typing import Any
 from consortia import __version__
 from consortia.store.entities import Job, ModelVersion, Round, Site, Tenant
 
-__all__ = ["build_lineage", "card_markdown", "git_revision", "model_card"]
+__all__ = ["build_lineage", "card_markdown", "contributors", "git_revision", "model_card"]
 
 
 @functools.cache
@@ -144,7 +144,14 @@ def model_card(v: ModelVersion, approvals: list[dict[str, Any]] | None = None) -
     card = lin.get("card", {})
     fairness = lin["metrics"].get("fairness")
     limitations = list(card.get("limitations", []))
-    n_tenants = len(lin["tenants"])
+    composite = lin.get("composite")
+    n_tenants = len(contributors(lin))
+    if composite is not None:
+        a = composite["adapter"]
+        limitations.append(
+            f"composite release: the adapter ({', '.join(a['params'])}) was fine-tuned on {a['site']}'s data only; "
+            f"it is meant for {a['tenant']}'s traffic and may be delivered only to its devices."
+        )
     if n_tenants < 3:
         limitations.append(f"trained on data from only {n_tenants} institution(s).")
     if fairness is None:
@@ -185,8 +192,17 @@ def model_card(v: ModelVersion, approvals: list[dict[str, Any]] | None = None) -
             "software": lin["software"],
             "privacy": lin["privacy"],
         },
+        "composite": composite,
         "approvals": approvals or [],
     }
+
+
+def contributors(lin: dict[str, Any]) -> list[str]:
+    """Tenants whose data went into a version: its job's, plus its base's for a composite."""
+    names = set(lin["tenants"])
+    if lin.get("composite"):
+        names |= set(lin["composite"]["base"]["tenants"])
+    return sorted(names)
 
 
 def _f(x: Any) -> str:
@@ -240,6 +256,20 @@ def card_markdown(card: dict[str, Any]) -> str:
         ]
     else:
         lines.append("Not measured (no sensitive attribute declared).")
+    comp = card.get("composite")
+    if comp:
+        a, b = comp["adapter"], comp["base"]
+        before = (b.get("metrics_at_site") or {}).get("auc")
+        after = (m["per_tenant"].get(a["tenant"], {}).get("sites", {}).get(a["site"]) or {}).get("auc")
+        lines += [
+            "",
+            "## Composite release",
+            "",
+            f"Global base {b['ref']} (parameters `{b['params_hash']}`, release `{b['release_digest']}`, trained by "
+            f"{', '.join(b['tenants'])}) plus an adapter fine-tuned at {a['site']} ({a['tenant']}): "
+            f"{', '.join(a['params'])}, {a['bytes']} bytes. AUC on {a['site']}'s test split: base {_f(before)}, "
+            f"composite {_f(after)}.",
+        ]
     lines += ["", "## Known limitations", ""] + [f"- {x}" for x in card["limitations"]]
     lin = card["lineage"]
     lines += [

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError as PydanticValidationError
 
-from consortia.coordinator.services.devices import DeviceService
+from consortia.coordinator.services.devices import DeviceService, check_delivery_scope
 from consortia.coordinator.services.governance import GovernanceService
 from consortia.core.rollout import RolloutPlan, evaluate_sample
 from consortia.errors import ConflictError, ValidationError
@@ -61,6 +61,7 @@ class RolloutService:
         cohort = self._cohort(plan)
         if not cohort:
             raise ValidationError("the plan's target selects no active device; see `consortia edge list`.")
+        check_delivery_scope(v, cohort)
         if any(
             r["state"] in ("running", "paused")
             for r in self.store.list_rollouts()

@@ -43,8 +43,9 @@ from consortia.errors import (
     ValidationError,
 )
 from consortia.ml.data import merge_profiles
-from consortia.ml.recipes import init_params, validate_recipe
+from consortia.ml.recipes import init_params, resolve_adapter, validate_recipe
 from consortia.protocol.schemas import (
+    AdapterRequest,
     EvaluationResult,
     JobSpec,
     ProfileResult,
@@ -134,7 +135,10 @@ class RoundService:
         return params
 
     def _eligible(self, spec: JobSpec) -> list[Site]:
-        return [s for s in self.store.list_sites(names=spec.tenants) if s.status == "active"]
+        sites = [s for s in self.store.list_sites(names=spec.tenants) if s.status == "active"]
+        if spec.adapter is not None:
+            return [s for s in sites if s.name == spec.adapter.site]
+        return sites
 
     @staticmethod
     def _sample(spec: JobSpec, sites: list[Site], number: int, attempt: int, kind: str) -> list[Site]:
@@ -184,6 +188,67 @@ class RoundService:
         spec_hash = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
         job = self.store.create_job(spec.name, canonical, spec_hash, principal.credential_id, principal.name)
         self._open(job.id, spec, 0, 0, "profile", None)
+        return self.store.get_job(job.id)
+
+    def submit_adapter(self, req: AdapterRequest, principal: Principal) -> Job:
+        """Start an adapter fine-tune: ``req.site`` trains the declared subset of the base's
+        parameters on its own data, from the base's weights and under the base's spec
+        (features, label, preprocessing, split); the finished job registers the composite
+        (base + adapter) as a version of its own model, signed and released like any
+        other. A tenant's operator may adapt for their own sites only."""
+        model, version = req.base.split(":")
+        base = self.store.get_version(model, int(version))
+        if base.release_digest is None:
+            raise ConflictError(f"{base.ref} has no signed release yet; adapt a released version.")
+        site = next((s for s in self.store.list_sites() if s.name == req.site), None)
+        if site is None:
+            raise ValidationError(f"no site named {req.site!r}; see `consortia sites`.")
+        if principal.tenant_id is not None and principal.tenant_id != site.tenant_id:
+            raise PermissionDeniedError(
+                f"site {req.site!r} belongs to another tenant; an operator adapts for their own tenant's sites only."
+            )
+        if site.status != "active":
+            raise ConflictError(f"site {req.site!r} is {site.status}; it cannot train.")
+        if "job" not in base.lineage or not base.lineage.get("preprocessing"):
+            raise ConflictError(f"{base.ref} has no training lineage to adapt from.")
+        try:
+            params = resolve_adapter(self.params(base.params_hash), req.params)
+        except SpecError as exc:
+            raise ValidationError(exc.message) from exc
+        name = req.model or f"{base.model}-{site.name}"
+        if len(name) > 63:
+            raise ValidationError(f"composite model name {name!r} is longer than 63 characters; pass --model NAME.")
+        if name == base.model:
+            raise ValidationError("the composite needs its own registered model name, not the base's.")
+        raw = {k: v for k, v in base.lineage["job"]["spec"].items() if k != "adapter"}
+        raw.update(
+            name=name,
+            model=name,
+            rounds=req.rounds,
+            local_epochs=req.local_epochs,
+            min_sites=1,
+            fraction=1.0,
+            tenants=[site.tenant],
+            strategy={"name": "fedavg", "options": {}},
+            adapter={"base": base.ref, "site": site.name, "params": params},
+        )
+        for key in ("learning_rate", "batch_size", "round_deadline_seconds"):
+            if getattr(req, key) is not None:
+                raw[key] = getattr(req, key)
+        spec = parse_spec(raw)
+        canonical = spec.model_dump(mode="json")
+        spec_hash = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+        job = self.store.create_job(spec.name, canonical, spec_hash, principal.credential_id, principal.name)
+        self.store.add_event(job.id, "adapter_started", {"base": base.ref, "site": site.name, "params": params})
+        self._open(
+            job.id,
+            spec,
+            1,
+            0,
+            "train",
+            base.params_hash,
+            job_fields={"preprocessing": base.lineage["preprocessing"], "global_hash": base.params_hash},
+        )
         return self.store.get_job(job.id)
 
     def recover(self, grace_fraction: float) -> None:
@@ -268,7 +333,11 @@ class RoundService:
         try:
             params, meta = decode(body)
             assert task.global_in is not None
-            check_compatible(self.params(task.global_in), params)
+            reference = self.params(task.global_in)
+            adapter = JobSpec.model_validate(self.store.get_job(task.job_id).spec).adapter
+            if adapter is not None:  # an adapter update carries the declared tensors only
+                reference = {k: reference[k] for k in adapter.params}
+            check_compatible(reference, params)
             num_examples, metrics = update_metadata(meta)
         except UpdateError as exc:
             self.store.complete_task(task, state="failed", reason=exc.message, rule="update_validation")
@@ -416,6 +485,12 @@ class RoundService:
     def _aggregate(
         self, spec: JobSpec, number: int, current: Params, state: Params, updates: list[tuple[str, int]]
     ) -> tuple[Params, Params]:
+        if spec.adapter is not None:  # aggregate the adapter; the base's tensors stay as they are
+            names = spec.adapter.params
+            new, new_state = self._aggregate(
+                spec.model_copy(update={"adapter": None}), number, {k: current[k] for k in names}, state, updates
+            )
+            return {**current, **new}, new_state
         acc = WeightedSum(current)
         for i, (digest, n) in enumerate(updates):
             params, _ = decode(self.blobs.get(digest, verify=True))
@@ -432,9 +507,10 @@ class RoundService:
         assert rnd.global_in is not None
         rounds = [r if r.id != rnd.id else _closed(r) for r in self.store.job_rounds(job.id)]
         updates = {r.id: self.store.round_updates(r.id) for r in rounds if r.kind == "train" and r.state == "closed"}
-        lineage = build_lineage(
-            job, rounds, updates, self.store.list_sites(), self.store.list_tenants(), metrics, rnd.global_in
-        )
+        sites = self.store.list_sites()
+        lineage = build_lineage(job, rounds, updates, sites, self.store.list_tenants(), metrics, rnd.global_in)
+        if spec.adapter is not None:
+            lineage["composite"] = self._composite_lineage(spec, sites, rnd.global_in)
         version = self.store.finish_job(
             job.id,
             state="completed",
@@ -446,6 +522,36 @@ class RoundService:
         )
         if version is not None and self.on_registered is not None:
             self.on_registered(version)
+
+    def _composite_lineage(self, spec: JobSpec, sites: list[Site], params_hash: str) -> dict[str, Any]:
+        """What a composite release is made of: the base version (by hash and release
+        digest) and the adapter (site, parameters, the hash of each adapter tensor)."""
+        assert spec.adapter is not None
+        model, version = spec.adapter.base.split(":")
+        base = self.store.get_version(model, int(version))
+        params = self.params(params_hash)
+        site = next(s for s in sites if s.name == spec.adapter.site)
+        base_site = base.lineage["metrics"]["per_tenant"].get(site.tenant, {}).get("sites", {}).get(site.name)
+        return {
+            "base": {
+                "ref": base.ref,
+                "params_hash": base.params_hash,
+                "release_digest": base.release_digest,
+                "job_id": base.lineage["job"]["id"],
+                "tenants": sorted(base.lineage["tenants"]),
+                "metrics_at_site": base_site,
+            },
+            "adapter": {
+                "site": site.name,
+                "tenant": site.tenant,
+                "params": list(spec.adapter.params),
+                "tensors": {
+                    k: {"shape": list(params[k].shape), "sha256": hashlib.sha256(params[k].tobytes()).hexdigest()}
+                    for k in spec.adapter.params
+                },
+                "bytes": int(sum(params[k].nbytes for k in spec.adapter.params)),
+            },
+        }
 
 
 def _closed(rnd: Round) -> Round:
