@@ -65,6 +65,7 @@ def create_app(settings: Settings) -> FastAPI:
     governance = GovernanceService(store, blobs, keys, settings.release_dir, tuf)
     rounds.on_registered = governance.ensure_release
     device_service = DeviceService(store, keys, tuf, settings)
+    device_service.publish = lambda model, version: governance.sync_tuf({(model, version)})
     rollout_service = RolloutService(store, device_service, governance)
     token = tenant_service.ensure_admin()
     if token is not None:

@@ -5,9 +5,12 @@ each), all Ed25519 keys created on first start under ``HOME/keys/tuf`` (mode 060
 Consistent snapshots: versioned metadata (``N.root.json``, ``N.targets.json``,
 ``N.snapshot.json``, plus ``timestamp.json``), and targets served as
 ``<dir>/<sha256>.<name>``; target bytes live in the content-addressed blob store. A
-release is its manifest (``releases/<model>/<version>/manifest.json``) plus its parts as
-``parts/<sha256>``, so a part shared by two releases (base tensors, graph, config) is one
-target, downloaded once per device.
+release is its manifest (``releases/<model>/<version>/manifest.json``) plus its inference
+parts as ``parts/<sha256>``, so a part shared by two releases (base tensors, graph,
+config) is one target, downloaded once per device. Card and lineage are not targets:
+devices do not need them and the registry serves them. Only live releases are listed
+(:meth:`TufRepository.sync_releases`), so the targets metadata every device downloads on
+every update stays the size of what is deployed.
 
 Expiry is short where TUF wants it (timestamp 1 day, snapshot 7 days) and the coordinator
 re-signs the timestamp well before it lapses; a device whose coordinator disappears keeps
@@ -23,7 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -167,9 +170,12 @@ class TufRepository:
             md_snapshot.signed.version, len(data), {"sha256": hashlib.sha256(data).hexdigest()}
         )
 
-    def publish(self, files: Mapping[str, bytes]) -> list[str]:
-        """Add (or replace) target files and publish new targets, snapshot and timestamp
-        metadata. Returns the target paths. Bytes go to the blob store."""
+    def publish(self, files: Mapping[str, bytes], remove: Collection[str] = ()) -> list[str]:
+        """Add (or replace) target files, drop the ``remove`` paths, and publish new
+        targets, snapshot and timestamp metadata. Returns the added target paths. Bytes go
+        to the blob store."""
+        for path in remove:
+            self.targets.signed.targets.pop(path, None)
         paths = []
         for path, data in files.items():
             if not re.fullmatch(r"(?:[A-Za-z0-9_.\-]+/)*[A-Za-z0-9_.\-]+", path) or ".." in path.split("/"):
@@ -191,11 +197,38 @@ class TufRepository:
         return paths
 
     def publish_bundle(self, bundle: Path) -> dict[str, Any]:
-        """Publish a verified release bundle: its manifest and its parts as shared
-        content-addressed targets. Returns the manifest."""
+        """Publish a verified release bundle: its manifest and its inference parts as
+        shared content-addressed targets. Returns the manifest."""
         manifest = verify_bundle(bundle)
-        self.publish({target: (bundle / rel).read_bytes() for rel, target in release_target_paths(manifest).items()})
+        targets = release_target_paths(manifest, documents=False)
+        self.publish({target: (bundle / rel).read_bytes() for rel, target in targets.items()})
         return manifest
+
+    def sync_releases(self, bundles: Mapping[tuple[str, int], Path]) -> tuple[list[str], list[str]]:
+        """Make the repository list exactly these releases (``(model, version) -> bundle
+        directory``): publish the missing ones and retire the others with the parts no
+        listed release uses, in one metadata version. Targets metadata is what every device
+        downloads on every update, so it holds live releases only, not history (the
+        registry keeps every release; a retired one is published again when it is
+        assigned). Returns (published, retired) manifest paths."""
+        want = {f"releases/{m}/{v}/manifest.json": bundle for (m, v), bundle in bundles.items()}
+        files: dict[str, bytes] = {}
+        keep: set[str] = set()
+        for path, bundle in want.items():
+            manifest = verify_bundle(bundle)
+            targets = release_target_paths(manifest, documents=False)
+            keep.update(targets.values())
+            if path not in self.targets.signed.targets:
+                files.update({target: (bundle / rel).read_bytes() for rel, target in targets.items()})
+        retired = [
+            p
+            for p in self.targets.signed.targets
+            if (p.startswith("releases/") or p.startswith("parts/")) and p not in keep
+        ]
+        if files or retired:
+            self.publish(files, retired)
+        manifests = [p for p in files if p.endswith("/manifest.json")]
+        return manifests, [p for p in retired if p.endswith("/manifest.json")]
 
     def refresh_timestamp(self) -> None:
         """A new timestamp (fresh expiry) over the current snapshot."""

@@ -3,6 +3,7 @@ per-device instructions (the director), and reports of what each device serves."
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
@@ -59,6 +60,9 @@ class DeviceService:
         self.keys = keys
         self.tuf = tuf
         self.settings = settings
+        # publishes a (possibly retired) release in the TUF repository before devices are
+        # told to fetch it; the app wires GovernanceService.sync_tuf here
+        self.publish: Callable[[str, int], None] | None = None
 
     def enrollment_token(self, principal: Principal, tenant: str) -> dict[str, Any]:
         t = self.store.get_tenant(tenant)
@@ -121,8 +125,6 @@ class DeviceService:
         v = self.store.get_version(req.model, req.version)
         if v.release_digest is None:
             raise ConflictError(f"{v.ref} has no signed release yet; nothing to deliver.")
-        if f"releases/{v.model}/{v.version}/manifest.json" not in self.tuf.targets.signed.targets:
-            raise ConflictError(f"{v.ref} is not published in the TUF repository yet.")
         tenant_id = None
         if req.tenant is not None:
             tenant_id = self.store.get_tenant(req.tenant).id
@@ -144,6 +146,11 @@ class DeviceService:
     def assign_to(self, device_ids: list[int], model: str, version: int, actor: str) -> list[dict[str, Any]]:
         """Sign and store, for each device, an instruction to run ``model:version``."""
         v = self.store.get_version(model, version)
+        if (
+            self.publish is not None
+            and f"releases/{model}/{version}/manifest.json" not in self.tuf.targets.signed.targets
+        ):
+            self.publish(model, version)
         release = {"model": v.model, "version": v.version, "release_digest": v.release_digest}
         out = []
         for d in (self.store.get_device(i) for i in device_ids):

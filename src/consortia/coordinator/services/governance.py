@@ -35,7 +35,7 @@ from consortia.store.blobs import BlobStore
 from consortia.store.entities import AuditEntry, ModelVersion, Principal, utcnow
 from consortia.store.sqlstore import SqlStore
 
-__all__ = ["APPROVAL_MAX_SKEW", "GovernanceService"]
+__all__ = ["APPROVAL_MAX_SKEW", "RETAIN_PER_MODEL", "GovernanceService"]
 
 log = logging.getLogger("consortia.coordinator.governance")
 
@@ -44,6 +44,9 @@ APPROVAL_MAX_SKEW = timedelta(minutes=10)
 
 def _errors(exc: PydanticValidationError) -> str:
     return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'document'}: {e['msg']}" for e in exc.errors()[:8])
+
+
+RETAIN_PER_MODEL = 3  # newest signed versions per model kept in the TUF repository
 
 
 class GovernanceService:
@@ -60,7 +63,7 @@ class GovernanceService:
     def ensure_release(self, v: ModelVersion) -> ModelVersion:
         """Build and sign the release, then publish it in the TUF repository for devices."""
         digest, files = self.releases.build(v)
-        self.tuf.publish_bundle(self.releases.paths(v)[0])
+        self.sync_tuf({(v.model, v.version)})
         self.store.set_release(v, digest, {"files": files, "tuf_targets_version": self.tuf.targets.signed.version})
         return self.store.get_version(v.model, v.version)
 
@@ -70,11 +73,42 @@ class GovernanceService:
         for v in self.store.versions_without_release():
             log.warning("signing the release of %s (missing after a restart)", v.ref)
             self.ensure_release(v)
+        self.sync_tuf()
+
+    def live_releases(self, extra: set[tuple[str, int]] | None = None) -> dict[tuple[str, int], Path]:
+        """Releases devices may need, with their bundle directories: the newest
+        :data:`RETAIN_PER_MODEL` signed versions of each model, every staging or
+        production version, every release a device is instructed to run, and the
+        releases of running or paused rollouts (target and previous), plus ``extra``."""
+        live = set(extra or ())
         for name, _, _ in self.store.list_models():
-            for v in self.store.list_versions(name):
-                key = f"releases/{v.model}/{v.version}/manifest.json"
-                if v.release_digest and key not in self.tuf.targets.signed.targets:
-                    self.tuf.publish_bundle(self.releases.paths(v)[0])
+            signed = [v for v in self.store.list_versions(name) if v.release_digest]
+            signed.sort(key=lambda v: v.version)
+            live |= {(v.model, v.version) for v in signed[-RETAIN_PER_MODEL:]}
+            live |= {(v.model, v.version) for v in signed if v.stage in ("staging", "production")}
+        for d in self.store.list_devices():
+            rel = ((d.instruction or {}).get("instruction") or {}).get("release")
+            if rel:
+                live.add((rel["model"], int(rel["version"])))
+        for r in self.store.list_rollouts():
+            if r["state"] in ("running", "paused"):
+                live.add((r["model"], int(r["version"])))
+                prev = r["progress"].get("previous")
+                if prev:
+                    live.add((prev["model"], int(prev["version"])))
+        out = {}
+        for model, version in live:
+            bundle = self.releases.root / model / str(version) / "bundle"
+            if (bundle / "manifest.json").is_file():
+                out[(model, version)] = bundle
+        return out
+
+    def sync_tuf(self, extra: set[tuple[str, int]] | None = None) -> None:
+        """Publish the live releases (see :meth:`live_releases`) and retire the rest from
+        the TUF repository."""
+        published, retired = self.tuf.sync_releases(self.live_releases(extra))
+        if retired:
+            log.info("TUF repository: published %s, retired %s", published, retired)
 
     # ------------------------------------------------------------------ reads
 
