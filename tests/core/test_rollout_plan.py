@@ -57,3 +57,18 @@ def test_plans_are_validated():
     ):
         with pytest.raises(ValidationError, match=msg):
             RolloutPlan.model_validate({"steps": steps})
+
+
+def test_accuracy_on_delayed_labels_is_judged_only_with_enough_labels():
+    analysis = Analysis.model_validate(
+        {"min_labels": 50, "metrics": [{"name": "accuracy", "min": 0.8}, {"name": "accuracy_drop", "max": 0.05}]}
+    )
+    base = [{**report(), "labelled": 200, "correct": 180}]  # baseline 0.90
+    good = evaluate_sample(analysis, [{**report(), "labelled": 100, "correct": 88}], base)
+    assert good.verdict == "pass" and good.values["accuracy"] == pytest.approx(0.88)
+    assert good.values["accuracy_drop"] == pytest.approx(0.02)
+    worse = evaluate_sample(analysis, [{**report(), "labelled": 60, "correct": 30}, {**report(), "labelled": 40}], base)
+    assert worse.verdict == "fail" and worse.values["accuracy"] == pytest.approx(0.30)
+    assert worse.reasons == ["accuracy = 0.3 < 0.8", "accuracy_drop = 0.6 > 0.05"]
+    few = evaluate_sample(analysis, [{**report(), "labelled": 49, "correct": 49}], base)
+    assert few.verdict == "inconclusive" and few.reasons == ["accuracy: no data", "accuracy_drop: no data"]

@@ -29,7 +29,12 @@ PLAN = {
                 "samples": 3,
                 "failure_limit": 0,
                 "min_predictions": 40,
-                "metrics": [{"name": "error_rate", "max": 0.05}, {"name": "prediction_shift", "max": 0.5}],
+                "min_labels": 20,
+                "metrics": [
+                    {"name": "error_rate", "max": 0.05},
+                    {"name": "prediction_shift", "max": 0.5},
+                    {"name": "accuracy", "min": 0.6},  # on delayed labels posted by the traffic below
+                ],
             }
         },
         {"set_weight": 100},
@@ -47,7 +52,10 @@ def train(fed, **kw) -> None:
 
 
 def traffic(fed, names, stop: threading.Event) -> None:
-    frame = next(iter(load_scenario("finance", 1).partitions.values())).drop(columns=["Class", "addr_state"])
+    """Live traffic with record ids; each batch's true outcomes follow as delayed labels."""
+    frame = next(iter(load_scenario("finance", 1).partitions.values()))
+    truth = (frame["Class"] == "bad").astype(int).tolist()
+    frame = frame.drop(columns=["Class", "addr_state"])
     rows = [
         {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
         for r in frame.head(400).to_dict("records")
@@ -56,13 +64,14 @@ def traffic(fed, names, stop: threading.Event) -> None:
     with httpx.Client(timeout=10) as c:
         while not stop.is_set():
             for name in names:
-                batch = rows[(i * 10) % 390 : (i * 10) % 390 + 10]
+                start = (i * 10) % 390
+                ids = [f"{name}-{i}-{k}" for k in range(10)]
+                headers = {"Authorization": f"Bearer {fed.edge_token(name)}"}
+                url = f"http://127.0.0.1:{fed.edge_ports[name]}"
                 with contextlib.suppress(httpx.TransportError):
-                    c.post(
-                        f"http://127.0.0.1:{fed.edge_ports[name]}/v1/predict",
-                        json={"rows": batch},
-                        headers={"Authorization": f"Bearer {fed.edge_token(name)}"},
-                    )
+                    c.post(f"{url}/v1/predict", json={"rows": rows[start : start + 10], "ids": ids}, headers=headers)
+                    labels = [{"id": ids[k], "label": truth[start + k]} for k in range(10)]
+                    c.post(f"{url}/v1/labels", json={"labels": labels}, headers=headers)
             i += 1
             time.sleep(0.05)
 
@@ -104,6 +113,7 @@ def test_bad_release_is_rolled_back_and_good_release_rolls_out(federation):
         bad = rollout(fed, 2)
         assert bad["state"] == "rolled_back", (bad["reason"], bad["progress"]["samples"])
         assert "prediction_shift" in bad["reason"] and "analysis failed" in bad["reason"]
+        assert all(smp["values"]["accuracy"] is not None for smp in bad["progress"]["samples"])
         assert len(bad["progress"]["moved"]) == 2  # only the canary half ever saw v2
         # the rollback is a new signed version (4) re-issuing v1's artifact: versions only move forward
         assert bad["progress"]["rollback_release"] == {"model": "credit-risk", "version": 3, "rollback_of": 1}
@@ -129,6 +139,8 @@ def test_bad_release_is_rolled_back_and_good_release_rolls_out(federation):
         train(fed, seed=1)  # credit-risk:4, a good retrain
         good = rollout(fed, 4)
         assert good["state"] == "succeeded", (good["reason"], good["progress"]["samples"])
+        judged = [h for h in good["progress"]["history"] if "analysis" in h]
+        assert judged and "pass" in judged[0]["analysis"]  # a pass needs every metric judged: accuracy held
         wait_devices(fed, lambda d: all(x["report"]["serving"] == "credit-risk:4" for x in d.values()), "fleet on v4")
     finally:
         stop.set()

@@ -176,3 +176,33 @@ def test_service_answers_rows_and_batches_with_auth_and_latency_stats(bundles):
         assert stats["predictions"] == 31 and stats["errors"] == 2
         assert stats["latency_seconds"]["count"] == 2 and stats["latency_seconds"]["p99"] > 0
         assert 'consortia_serving_latency_seconds{quantile="0.99"}' in http.get("/metrics").text
+
+
+def test_delayed_labels_join_the_decisions_they_judge(bundles):
+    _, b = bundles
+    app = create_serving_app(b[1], token="tok")
+    with TestClient(app) as http:
+        h = {"Authorization": "Bearer tok"}
+        rows = synthetic_frame(20, 3)[["x1", "x2", "cat"]].to_dict("records")
+        ids = [f"loan-{i}" for i in range(20)]
+        out = http.post("/v1/predict", json={"rows": rows, "ids": ids}, headers=h).json()["predictions"]
+        decisions = [p["decision"] for p in out]
+        bad = http.post("/v1/predict", json={"rows": rows, "ids": ids[:3]}, headers=h)
+        assert bad.status_code == 422 and "ids must be a list of 20" in bad.json()["detail"]
+        # the truth agrees with the first 15 decisions and contradicts the last 5
+        labels = [{"id": i, "label": int(d if n < 15 else not d)} for n, (i, d) in enumerate(zip(ids, decisions))]
+        labels.append({"id": "never-predicted", "label": 1})
+        got = http.post("/v1/labels", json={"labels": labels}, headers=h).json()
+        assert (got["matched"], got["unknown"], got["accuracy"]) == (20, 1, 0.75)
+        again = http.post("/v1/labels", json={"labels": labels[:2]}, headers=h).json()
+        assert again["matched"] == 0 and again["unknown"] == 2  # a label counts once
+        refused = http.post("/v1/labels", json={"labels": [{"id": "x", "label": "yes"}]}, headers=h)
+        assert refused.status_code == 422 and "must be 0, 1, true or false" in refused.json()["detail"]
+        assert http.post("/v1/labels", json={"labels": []}).status_code == 401
+        stats = http.get("/v1/stats", headers=h).json()
+        assert stats["labelled"] == 20 and stats["accuracy"] == 0.75
+        # decisions of a release no longer served are not evidence about the new one
+        http.post("/v1/predict", json={"row": rows[0], "id": "late"}, headers=h)
+        app.state.serving.activate(load_release(b[2]))
+        stale = http.post("/v1/labels", json={"labels": [{"id": "late", "label": 1}]}, headers=h).json()
+        assert stale["stale"] == 1 and stale["accuracy"] is None

@@ -16,6 +16,8 @@ A plan (``consortia rollout start MODEL:VERSION --plan canary.yaml``)::
             - {name: error_rate, max: 0.02}
             - {name: latency_p99, max: 0.05}          # seconds
             - {name: prediction_shift, max: 0.2}      # PSI vs the previous release
+            - {name: accuracy, min: 0.7}              # on delayed labels (POST /v1/labels)
+            - {name: accuracy_drop, max: 0.05}        # baseline accuracy - canary accuracy
       - set_weight: 100
 
 Blue-green is a plan whose only steps are an analysis and ``set_weight: 100``.
@@ -38,7 +40,7 @@ class _Strict(BaseModel):
 
 
 class Metric(_Strict):
-    name: Literal["error_rate", "latency_p99", "prediction_shift", "accuracy"]
+    name: Literal["error_rate", "latency_p99", "prediction_shift", "accuracy", "accuracy_drop"]
     max: float | None = Field(default=None, ge=0)
     min: float | None = Field(default=None, ge=0)
 
@@ -54,6 +56,7 @@ class Analysis(_Strict):
     samples: int = Field(default=3, ge=1, le=100)
     failure_limit: int = Field(default=0, ge=0)
     min_predictions: int = Field(default=20, ge=1, description="canary traffic needed for a conclusive sample")
+    min_labels: int = Field(default=20, ge=1, description="delayed labels needed before accuracy is judged")
     metrics: list[Metric] = Field(min_length=1)
 
 
@@ -109,6 +112,15 @@ def _sum_hist(reports: list[dict[str, Any]]) -> list[int] | None:
     return [sum(col) for col in zip(*hists, strict=True)]
 
 
+def _accuracy(reports: list[dict[str, Any]], min_labels: int) -> float | None:
+    """Accuracy of the decisions whose delayed labels arrived, pooled over devices; None
+    below ``min_labels`` labels (too few to judge)."""
+    labelled = sum(int(r.get("labelled") or 0) for r in reports)
+    if labelled < min_labels:
+        return None
+    return sum(int(r.get("correct") or 0) for r in reports) / labelled
+
+
 def evaluate_sample(analysis: Analysis, canary: list[dict[str, Any]], baseline: list[dict[str, Any]]) -> Sample:
     """Judge one sample from the canary devices' reports (signals since they activated
     the new release) and the baseline devices' (still on the previous release)."""
@@ -118,8 +130,12 @@ def evaluate_sample(analysis: Analysis, canary: list[dict[str, Any]], baseline: 
         "error_rate": errors / (predictions + errors) if predictions + errors else None,
         "latency_p99": max((r["latency_p99"] for r in canary if r.get("latency_p99") is not None), default=None),
         "prediction_shift": None,
-        "accuracy": None,  # needs delayed labels at the devices (monitoring work)
+        "accuracy": _accuracy(canary, analysis.min_labels),
+        "accuracy_drop": None,
     }
+    base_acc = _accuracy(baseline, analysis.min_labels)
+    if values["accuracy"] is not None and base_acc is not None:
+        values["accuracy_drop"] = base_acc - values["accuracy"]
     cur, ref = _sum_hist(canary), _sum_hist(baseline)
     if cur and ref and min(sum(cur), sum(ref)) >= analysis.min_predictions:
         values["prediction_shift"] = psi(cur, ref)

@@ -223,6 +223,8 @@ class EdgeAgent:
                 "latency_p50": lat["p50"],
                 "latency_p99": lat["p99"],
                 "pred_hist": serving.pred_hist,
+                "labelled": serving.labelled,
+                "correct": serving.correct,
             },
         )
 

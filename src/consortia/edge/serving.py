@@ -7,6 +7,13 @@ Request bodies (JSON): ``{"row": {col: value}}``, ``{"rows": [{col: value}, ...]
 time). Latency of every call is recorded in a histogram: ``GET /v1/stats`` gives
 p50/p95/p99 and counts, ``GET /metrics`` the Prometheus form. The release can be swapped
 atomically while serving (:meth:`ServingState.activate`).
+
+Delayed labels: a caller that sends its own record ids with a prediction (``"ids":
+[...]`` beside ``rows``/``columns``, or ``"id"`` beside ``row``) can later post the
+outcomes to ``POST /v1/labels`` (``{"labels": [{"id": ..., "label": 0 or 1}, ...]}``).
+The agent joins them with the decisions it made (the last :data:`MAX_PENDING` ids are
+kept, in memory, on the device) and counts labelled and correct decisions of the release
+being served; only those two counts leave the device, in its report, for rollout analysis.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import hmac
 import json
 import threading
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +39,7 @@ __all__ = ["LatencyHistogram", "ServingState", "create_serving_app"]
 
 MAX_BODY = 8 * 1024 * 1024
 MAX_ROWS = 100_000
+MAX_PENDING = 100_000  # predictions kept for joining delayed labels (oldest dropped first)
 
 # Log-spaced bucket upper bounds from 10 us to 10 s (about 8% apart).
 _BOUNDS = [1e-5 * (1.08**i) for i in range(180)]
@@ -80,10 +89,14 @@ class ServingState:
     predictions: int = 0
     errors: int = 0
     pred_hist: list[int] = field(default_factory=lambda: [0] * PRED_BINS)
+    labelled: int = 0
+    correct: int = 0
+    pending: OrderedDict[str, tuple[str, bool]] = field(default_factory=OrderedDict)
 
     def activate(self, release: Release) -> None:
         self.latency, self.predictions, self.errors = LatencyHistogram(), 0, 0
         self.pred_hist = [0] * PRED_BINS
+        self.labelled = self.correct = 0
         self.release = release  # one reference assignment: requests see the old or the new, never a mix
 
     def count(self, probs: Any) -> None:
@@ -92,6 +105,22 @@ class ServingState:
         idx = np.minimum((np.asarray(probs) * PRED_BINS).astype(int), PRED_BINS - 1)
         for i, c in zip(*np.unique(idx, return_counts=True), strict=True):
             self.pred_hist[int(i)] += int(c)
+
+
+def _ids(body: dict[str, Any], n: int) -> list[str] | None:
+    """The caller's record ids for the rows (for joining delayed labels), if given."""
+    ids = [body["id"]] if "id" in body and "row" in body else body.get("ids")
+    if ids is None:
+        return None
+    if not isinstance(ids, list) or len(ids) != n or not all(isinstance(i, str | int) for i in ids):
+        raise ValidationError(f"ids must be a list of {n} string or integer record ids, one per row.")
+    return [str(i) for i in ids]
+
+
+def _label(value: Any) -> bool:
+    if value in (0, 1) or isinstance(value, bool):
+        return bool(value)
+    raise ValidationError(f"label {value!r} must be 0, 1, true or false.")
 
 
 def _rows(body: Any) -> Any:
@@ -147,7 +176,9 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
             rel = state.release
             if rel is None:
                 raise ConsortiaError("no release is active here yet.")
-            probs, decisions = rel.decide(_rows(body))
+            rows = _rows(body)
+            probs, decisions = rel.decide(rows)
+            ids = _ids(body, len(probs))
         except ConsortiaError:
             state.errors += 1
             raise
@@ -160,8 +191,49 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
         }
         state.predictions += len(probs)
         state.count(probs)
+        if ids is not None:
+            for i, d in zip(ids, decisions, strict=True):
+                state.pending[i] = (rel.ref, bool(d))
+                state.pending.move_to_end(i)
+            while len(state.pending) > MAX_PENDING:
+                state.pending.popitem(last=False)
         state.latency.observe(time.perf_counter() - start)
         return Response(json.dumps(out), media_type="application/json")
+
+    @app.post("/v1/labels")
+    async def labels(request: Request) -> dict[str, Any]:
+        """Delayed outcomes for earlier predictions, by the caller's record ids."""
+        check(request)
+        raw = await request.body()
+        if len(raw) > MAX_BODY:
+            raise PayloadTooLargeError(f"body over {MAX_BODY} bytes; split the labels.")
+        try:
+            body = json.loads(raw)
+        except ValueError as exc:
+            raise ValidationError(f"body is not valid JSON: {exc}") from exc
+        items = body.get("labels") if isinstance(body, dict) else None
+        if not isinstance(items, list) or not all(isinstance(x, dict) and "id" in x and "label" in x for x in items):
+            raise ValidationError('expected {"labels": [{"id": record id, "label": 0 or 1}, ...]}.')
+        parsed = [(str(x["id"]), _label(x["label"])) for x in items]  # validate all before counting any
+        rel = state.release
+        matched = stale = unknown = 0
+        for rid, label in parsed:
+            hit = state.pending.pop(rid, None)
+            if hit is None:
+                unknown += 1
+            elif rel is None or hit[0] != rel.ref:
+                stale += 1  # decided by a release no longer served: not evidence about this one
+            else:
+                matched += 1
+                state.labelled += 1
+                state.correct += int(hit[1] == label)
+        return {
+            "matched": matched,
+            "stale": stale,
+            "unknown": unknown,
+            "release": rel.ref if rel else None,
+            "accuracy": state.correct / state.labelled if state.labelled else None,
+        }
 
     @app.get("/v1/stats")
     def stats(request: Request) -> dict[str, Any]:
@@ -171,6 +243,8 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
             "release": rel.ref if rel else None,
             "predictions": state.predictions,
             "errors": state.errors,
+            "labelled": state.labelled,
+            "accuracy": state.correct / state.labelled if state.labelled else None,
             "latency_seconds": state.latency.summary(),
         }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from consortia.protocol.schemas import Name
 
@@ -69,6 +69,14 @@ class DeviceReport(_Strict):
     latency_p50: float | None = Field(default=None, ge=0)
     latency_p99: float | None = Field(default=None, ge=0)
     pred_hist: list[int] | None = Field(default=None, max_length=100, description="predictions per score bin")
+    labelled: int = Field(default=0, ge=0, description="predictions whose delayed label arrived")
+    correct: int = Field(default=0, ge=0, description="of those, decisions that matched the label")
+
+    @model_validator(mode="after")
+    def _correct_within_labelled(self) -> DeviceReport:
+        if self.correct > self.labelled:
+            raise ValueError(f"correct ({self.correct}) cannot exceed labelled ({self.labelled})")
+        return self
 
 
 class AssignRequest(_Strict):
