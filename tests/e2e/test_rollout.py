@@ -76,9 +76,9 @@ def traffic(fed, names, stop: threading.Event) -> None:
             time.sleep(0.05)
 
 
-def rollout(fed, version: int) -> dict:
+def rollout(fed, version: int, plan: dict = PLAN) -> dict:
     with fed.client() as c:
-        rid = c.post_json("/v1/rollouts", {"model": "credit-risk", "version": version, "plan": PLAN})["id"]
+        rid = c.post_json("/v1/rollouts", {"model": "credit-risk", "version": version, "plan": plan})["id"]
     end = time.monotonic() + 180
     while time.monotonic() < end:
         with fed.client() as c:
@@ -151,3 +151,67 @@ def test_bad_release_is_rolled_back_and_good_release_rolls_out(federation):
     assert actions[0] == "rollout.started" and "rollout.step" in actions and "rollout.analysis" in actions
     assert actions[-1] == "rollout.rolled_back"
     assert [e["action"] for e in entries if e["subject"] == f"rollout:{good['id']}"][-1] == "rollout.succeeded"
+
+
+BLUE_GREEN = {  # one switch, after a pre-promotion analysis of the release in preview
+    "target": {"selector": {"device": "scanner"}},
+    "steps": [
+        {
+            "analysis": {
+                "interval_seconds": 1.0,
+                "samples": 3,
+                "failure_limit": 0,
+                "min_predictions": 40,
+                "metrics": [
+                    {"name": "error_rate", "max": 0.05},
+                    {"name": "prediction_shift", "max": 0.5},
+                    {"name": "accuracy_drop", "max": 0.1},
+                ],
+            }
+        },
+        {"set_weight": 100},
+    ],
+    "install_timeout_seconds": 120,
+}
+
+
+def test_blue_green_judges_the_preview_in_shadow_before_switching(federation):
+    fed, paths = federation(sites=2)
+    fed.start_coordinator()
+    enroll_all(fed, paths)
+    train(fed)  # credit-risk:1
+    train(fed, learning_rate=10.0, local_epochs=3)  # credit-risk:2, deliberately bad
+    tenant = next(iter(paths))
+    names = ["scanner-a", "scanner-b"]
+    with fed.client() as c:
+        for name in names:
+            token = c.post_json(f"/v1/tenants/{tenant}/device-enrollment-tokens", {})["token"]
+            fed.start_edge(name, token, "device=scanner", free_port())
+    wait_devices(fed, lambda d: len(d) == 2 and all(x["report"] for x in d.values()), "2 devices reporting")
+    with fed.client() as c:
+        c.post_json("/v1/devices/assign", {"model": "credit-risk", "version": 1, "selector": {"device": "scanner"}})
+    wait_devices(fed, lambda d: all(x["report"]["serving"] == "credit-risk:1" for x in d.values()), "fleet on v1")
+    stop = threading.Event()
+    feeder = threading.Thread(target=traffic, args=(fed, names, stop), daemon=True)
+    feeder.start()
+    try:
+        bad = rollout(fed, 2, BLUE_GREEN)
+        assert bad["state"] == "rolled_back" and "prediction_shift" in bad["reason"], bad["reason"]
+        assert bad["progress"]["moved"] == [] and "rollback_release" not in bad["progress"]  # nothing switched
+        samples = bad["progress"]["samples"]
+        assert samples and samples[-1]["values"]["accuracy_drop"] is not None  # judged on delayed labels too
+        fleet = wait_devices(fed, lambda d: all(not x["report"].get("preview") for x in d.values()), "previews off")
+        assert all(x["report"]["serving"] == "credit-risk:1" for x in fleet.values())
+        train(fed, seed=1)  # credit-risk:3, a good retrain
+        good = rollout(fed, 3, BLUE_GREEN)
+        assert good["state"] == "succeeded", (good["reason"], good["progress"]["samples"])
+        wait_devices(fed, lambda d: all(x["report"]["serving"] == "credit-risk:3" for x in d.values()), "fleet on v3")
+    finally:
+        stop.set()
+        feeder.join(timeout=10)
+    with fed.client() as c:
+        entries = c.get_json("/v1/audit/entries", params={"limit": 5000})
+    actions = [e["action"] for e in entries if e["subject"] == f"rollout:{bad['id']}"]
+    assert actions[:2] == ["rollout.started", "rollout.preview"] and actions[-1] == "rollout.rolled_back"
+    states = [e["detail"] for e in entries if e["action"] == "device.state"]
+    assert states and all(d["serving"] != "credit-risk:2" for d in states)  # no device ever answered with v2

@@ -11,6 +11,10 @@ Installing: verify the instruction (director signature, this device, newer count
 fetch the release through TUF (only missing files move), verify the bundle, load it and
 run its signed smoke test, and only then switch serving to it and persist it as last
 known good. Any failure leaves the device serving what it served and reports why.
+
+An instruction may also name a *preview* release (blue-green pre-promotion analysis): it
+is installed the same way but only scores traffic in shadow; it never answers and never
+becomes last known good until an instruction names it as the release.
 """
 
 from __future__ import annotations
@@ -84,6 +88,7 @@ class EdgeAgent:
         self.serving_token = serving_token
         self.state = self._lkg()
         self.reason: str | None = None
+        self.preview_reason: str | None = None
         self.attempted = 0
         self.status = "serving" if self.state["release"] else "idle"
         from consortia.edge.serving import create_serving_app
@@ -166,43 +171,69 @@ class EdgeAgent:
                 log.warning("update refused: %s", self.reason)
         self.report()
 
-    def _apply(self, body: dict[str, Any]) -> None:
-        release = body["release"]
-        newest = self.state.setdefault("max_versions", {})
+    def _check_version(self, release: dict[str, Any] | None) -> None:
+        newest = self.state.get("max_versions", {})
         if release is not None and release["version"] < newest.get(release["model"], 0):
             raise ReleaseError(
                 f"anti-rollback: {release['model']}:{release['version']} is older than version "
                 f"{newest[release['model']]} already installed here; a rollback is issued as a new version."
             )
-        if release is None or (
-            self.state["release"]
-            and (release["model"], release["version"])
-            == (self.state["release"]["model"], self.state["release"]["version"])
-        ):
-            self.state["counter"] = body["counter"]
-            self._save_lkg()
-            return
+
+    def _check_approval(self, release: dict[str, Any]) -> None:
         if self.require_local_approval and not self.approval_path(release).exists():
             self.status = "held"
             raise ReleaseError(
                 f"{release['model']}:{release['version']} waits for this site's local approval: "
                 f"consortia site approve-release {release['model']}:{release['version']} --home ..."
             )
-        self.status = "installing"
-        target = self._dir(release)
-        self.updater.fetch_release(release["model"], release["version"], target)
-        new = load_release(target)  # verifies again and runs the signed smoke test
-        self.app.state.serving.activate(new)
-        self.release = new
-        newest[release["model"]] = max(newest.get(release["model"], 0), release["version"])
-        self.state = {
-            "release": {"model": release["model"], "version": release["version"]},
-            "counter": body["counter"],
-            "max_versions": newest,
-        }
+
+    def _apply(self, body: dict[str, Any]) -> None:
+        release, preview = body["release"], body.get("preview")
+        self._check_version(release)
+        self._check_version(preview)
+        current = self.state["release"]
+        if release is not None and not (
+            current and (release["model"], release["version"]) == (current["model"], current["version"])
+        ):
+            self._check_approval(release)
+            self.status = "installing"
+            target = self._dir(release)
+            self.updater.fetch_release(release["model"], release["version"], target)
+            new = load_release(target)  # verifies again and runs the signed smoke test
+            self.app.state.serving.activate(new)
+            self.release = new
+            newest = self.state.setdefault("max_versions", {})
+            newest[release["model"]] = max(newest.get(release["model"], 0), release["version"])
+            self.state["release"] = {"model": release["model"], "version": release["version"]}
+            self.status, self.reason = "serving", None
+            log.info("now serving %s", new.ref)
+        self._set_preview(preview)
+        self.state["counter"] = body["counter"]
         self._save_lkg()
-        self.status, self.reason = "serving", None
-        log.info("now serving %s", new.ref)
+
+    def _set_preview(self, preview: dict[str, Any] | None) -> None:
+        """Install (or drop) the release to score in shadow; failures are reported as the
+        preview's reason and leave serving alone."""
+        serving = self.app.state.serving
+        ref = f"{preview['model']}:{preview['version']}" if preview else None
+        if (serving.preview.ref if serving.preview else None) == ref:
+            return
+        self.preview_reason = None
+        if preview is None:
+            serving.set_preview(None)
+            return
+        try:
+            self._check_approval(preview)
+            target = self._dir(preview)
+            self.updater.fetch_release(preview["model"], preview["version"], target)
+            serving.set_preview(load_release(target))
+            log.info("previewing %s in shadow", ref)
+        except Exception as exc:  # ConsortiaError or a TUF refusal: the preview is what failed
+            self.preview_reason = exc.message if isinstance(exc, ConsortiaError) else f"{type(exc).__name__}: {exc}"
+            serving.set_preview(None)
+            if self.status == "held":
+                raise
+            log.warning("preview %s not installed: %s", ref, self.preview_reason)
 
     def approval_path(self, release: dict[str, Any]) -> Path:
         return self.home / "approvals" / f"{release['model']}-{release['version']}"
@@ -225,8 +256,25 @@ class EdgeAgent:
                 "pred_hist": serving.pred_hist,
                 "labelled": serving.labelled,
                 "correct": serving.correct,
+                "preview": self._preview_report(),
             },
         )
+
+    def _preview_report(self) -> dict[str, Any] | None:
+        serving = self.app.state.serving
+        pre, sig = serving.preview, serving.shadow
+        if pre is None and self.preview_reason is None:
+            return None
+        return {
+            "release": pre.ref if pre else None,
+            "reason": self.preview_reason,
+            "predictions": sig.predictions,
+            "errors": sig.errors,
+            "latency_p99": sig.latency.quantile(0.99),
+            "pred_hist": sig.pred_hist,
+            "labelled": sig.labelled,
+            "correct": sig.correct,
+        }
 
     def run(self) -> None:
         delay = 0.5

@@ -14,6 +14,11 @@ outcomes to ``POST /v1/labels`` (``{"labels": [{"id": ..., "label": 0 or 1}, ...
 The agent joins them with the decisions it made (the last :data:`MAX_PENDING` ids are
 kept, in memory, on the device) and counts labelled and correct decisions of the release
 being served; only those two counts leave the device, in its report, for rollout analysis.
+
+Blue-green preview: a release set with :meth:`ServingState.set_preview` scores every
+request in shadow after the answer has gone out (it never answers); its own counters
+(predictions, errors, model latency, prediction histogram, labelled/correct) are what a
+pre-promotion analysis compares with the active release on the same traffic.
 """
 
 from __future__ import annotations
@@ -29,13 +34,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from consortia.edge.runtime import Release, load_release
 from consortia.errors import AuthError, ConsortiaError, PayloadTooLargeError, ValidationError
 
-__all__ = ["LatencyHistogram", "ServingState", "create_serving_app"]
+__all__ = ["LatencyHistogram", "ServingState", "Signals", "create_serving_app"]
 
 MAX_BODY = 8 * 1024 * 1024
 MAX_ROWS = 100_000
@@ -79,6 +84,34 @@ PRED_BINS = 10
 
 
 @dataclass
+class Signals:
+    """What a release in preview did on live traffic, scored in shadow."""
+
+    latency: LatencyHistogram = field(default_factory=LatencyHistogram)
+    predictions: int = 0
+    errors: int = 0
+    pred_hist: list[int] = field(default_factory=lambda: [0] * PRED_BINS)
+    labelled: int = 0
+    correct: int = 0
+
+
+def _bin(hist: list[int], probs: Any) -> None:
+    import numpy as np
+
+    idx = np.minimum((np.asarray(probs) * PRED_BINS).astype(int), PRED_BINS - 1)
+    for i, c in zip(*np.unique(idx, return_counts=True), strict=True):
+        hist[int(i)] += int(c)
+
+
+def _remember(pending: OrderedDict[str, tuple[str, bool]], ids: list[str], ref: str, decisions: Any) -> None:
+    for i, d in zip(ids, decisions, strict=True):
+        pending[i] = (ref, bool(d))
+        pending.move_to_end(i)
+    while len(pending) > MAX_PENDING:
+        pending.popitem(last=False)
+
+
+@dataclass
 class ServingState:
     """The release being served and its counters since it was activated (so rollout
     analysis sees the new release's own signals); ``activate`` swaps it atomically."""
@@ -92,6 +125,9 @@ class ServingState:
     labelled: int = 0
     correct: int = 0
     pending: OrderedDict[str, tuple[str, bool]] = field(default_factory=OrderedDict)
+    preview: Release | None = None  # blue-green: scored in shadow, never answers
+    shadow: Signals = field(default_factory=Signals)
+    shadow_pending: OrderedDict[str, tuple[str, bool]] = field(default_factory=OrderedDict)
 
     def activate(self, release: Release) -> None:
         self.latency, self.predictions, self.errors = LatencyHistogram(), 0, 0
@@ -99,12 +135,13 @@ class ServingState:
         self.labelled = self.correct = 0
         self.release = release  # one reference assignment: requests see the old or the new, never a mix
 
-    def count(self, probs: Any) -> None:
-        import numpy as np
+    def set_preview(self, release: Release | None) -> None:
+        """Score ``release`` in shadow from now on (None stops); its counters start at zero."""
+        self.shadow = Signals()
+        self.preview = release
 
-        idx = np.minimum((np.asarray(probs) * PRED_BINS).astype(int), PRED_BINS - 1)
-        for i, c in zip(*np.unique(idx, return_counts=True), strict=True):
-            self.pred_hist[int(i)] += int(c)
+    def count(self, probs: Any) -> None:
+        _bin(self.pred_hist, probs)
 
 
 def _ids(body: dict[str, Any], n: int) -> list[str] | None:
@@ -161,8 +198,25 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
     async def _error(request: Request, exc: ConsortiaError) -> JSONResponse:
         return JSONResponse(status_code=exc.status, content={"error": exc.code, "detail": exc.message})
 
+    async def shadow(rows: Any, ids: list[str] | None) -> None:
+        """Score a request with the release in preview, after the answer has gone out."""
+        pre, sig = state.preview, state.shadow
+        if pre is None:
+            return
+        start = time.perf_counter()
+        try:
+            probs, decisions = pre.decide(rows)
+        except Exception:  # the preview's failures are evidence, never the caller's problem
+            sig.errors += 1
+            return
+        sig.latency.observe(time.perf_counter() - start)
+        sig.predictions += len(probs)
+        _bin(sig.pred_hist, probs)
+        if ids is not None:
+            _remember(state.shadow_pending, ids, pre.ref, decisions)
+
     @app.post("/v1/predict")
-    async def predict(request: Request) -> Response:
+    async def predict(request: Request, background: BackgroundTasks) -> Response:
         start = time.perf_counter()
         check(request)
         try:
@@ -192,11 +246,9 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
         state.predictions += len(probs)
         state.count(probs)
         if ids is not None:
-            for i, d in zip(ids, decisions, strict=True):
-                state.pending[i] = (rel.ref, bool(d))
-                state.pending.move_to_end(i)
-            while len(state.pending) > MAX_PENDING:
-                state.pending.popitem(last=False)
+            _remember(state.pending, ids, rel.ref, decisions)
+        if state.preview is not None:
+            background.add_task(shadow, rows, ids)
         state.latency.observe(time.perf_counter() - start)
         return Response(json.dumps(out), media_type="application/json")
 
@@ -215,9 +267,13 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
         if not isinstance(items, list) or not all(isinstance(x, dict) and "id" in x and "label" in x for x in items):
             raise ValidationError('expected {"labels": [{"id": record id, "label": 0 or 1}, ...]}.')
         parsed = [(str(x["id"]), _label(x["label"])) for x in items]  # validate all before counting any
-        rel = state.release
+        rel, pre = state.release, state.preview
         matched = stale = unknown = 0
         for rid, label in parsed:
+            shadowed = state.shadow_pending.pop(rid, None)
+            if shadowed is not None and pre is not None and shadowed[0] == pre.ref:
+                state.shadow.labelled += 1
+                state.shadow.correct += int(shadowed[1] == label)
             hit = state.pending.pop(rid, None)
             if hit is None:
                 unknown += 1
@@ -246,6 +302,16 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
             "labelled": state.labelled,
             "accuracy": state.correct / state.labelled if state.labelled else None,
             "latency_seconds": state.latency.summary(),
+            "preview": None
+            if state.preview is None
+            else {
+                "release": state.preview.ref,
+                "predictions": state.shadow.predictions,
+                "errors": state.shadow.errors,
+                "labelled": state.shadow.labelled,
+                "accuracy": state.shadow.correct / state.shadow.labelled if state.shadow.labelled else None,
+                "model_latency_seconds": state.shadow.latency.summary(),
+            },
         }
 
     @app.get("/healthz")

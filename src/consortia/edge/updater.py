@@ -151,11 +151,24 @@ _DOMAIN = b"consortia-instruction/v1\n"
 
 
 def sign_instruction(
-    key: Ed25519PrivateKey, device_id: str, counter: int, release: dict[str, Any] | None, expires: datetime
+    key: Ed25519PrivateKey,
+    device_id: str,
+    counter: int,
+    release: dict[str, Any] | None,
+    expires: datetime,
+    preview: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """A signed instruction for one device: run ``release`` (``{"model", "version"}``;
-    None means stop serving), valid until ``expires``; ``counter`` must grow."""
-    body = {"device_id": device_id, "counter": counter, "release": release, "expires": expires.isoformat()}
+    None keeps what it runs), and optionally install ``preview`` to score live traffic in
+    shadow (blue-green pre-promotion analysis) while ``release`` keeps answering; valid
+    until ``expires``; ``counter`` must grow."""
+    body = {
+        "device_id": device_id,
+        "counter": counter,
+        "release": release,
+        "preview": preview,
+        "expires": expires.isoformat(),
+    }
     return {"instruction": body, "signature": key.sign(_DOMAIN + canonical(body)).hex()}
 
 

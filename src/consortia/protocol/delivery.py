@@ -58,6 +58,19 @@ class DeviceEnrolled(BaseModel):
     director_public_key: str = Field(description="PEM of the key that signs device instructions")
 
 
+class PreviewReport(_Strict):
+    """Signals of a release installed in preview (scored in shadow on live traffic)."""
+
+    release: str | None = Field(default=None, max_length=200, description="model:version in preview")
+    reason: str | None = Field(default=None, max_length=2000, description="why the preview could not be installed")
+    predictions: int = Field(default=0, ge=0)
+    errors: int = Field(default=0, ge=0)
+    latency_p99: float | None = Field(default=None, ge=0, description="model time of the preview, seconds")
+    pred_hist: list[int] | None = Field(default=None, max_length=100)
+    labelled: int = Field(default=0, ge=0)
+    correct: int = Field(default=0, ge=0)
+
+
 class DeviceReport(_Strict):
     state: Literal["idle", "serving", "installing", "failed", "held"]
     serving: str | None = Field(default=None, max_length=200, description="model:version being served")
@@ -71,6 +84,7 @@ class DeviceReport(_Strict):
     pred_hist: list[int] | None = Field(default=None, max_length=100, description="predictions per score bin")
     labelled: int = Field(default=0, ge=0, description="predictions whose delayed label arrived")
     correct: int = Field(default=0, ge=0, description="of those, decisions that matched the label")
+    preview: PreviewReport | None = None
 
     @model_validator(mode="after")
     def _correct_within_labelled(self) -> DeviceReport:

@@ -109,7 +109,11 @@ class DeliveryStore(GovernanceStore):
                 tenant.name,
                 "device.instructed",
                 row.name,
-                {"counter": row.counter, "release": row.instruction["instruction"]["release"]},
+                {
+                    "counter": row.counter,
+                    "release": row.instruction["instruction"]["release"],
+                    "preview": row.instruction["instruction"].get("preview"),
+                },
             )
             s.flush()
             return _device(row, tenant.name)

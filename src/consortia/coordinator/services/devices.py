@@ -143,24 +143,46 @@ class DeviceService:
         check_delivery_scope(v, devices)
         return self.assign_to([d.id for d in devices], v.model, v.version, principal.name)
 
-    def assign_to(self, device_ids: list[int], model: str, version: int, actor: str) -> list[dict[str, Any]]:
-        """Sign and store, for each device, an instruction to run ``model:version``."""
+    def assign_to(
+        self, device_ids: list[int], model: str, version: int, actor: str, *, preview: bool = False
+    ) -> list[dict[str, Any]]:
+        """Sign and store, for each device, an instruction to run ``model:version``; with
+        ``preview`` the device keeps running what it runs and installs ``model:version``
+        beside it to score live traffic in shadow (blue-green pre-promotion analysis)."""
         v = self.store.get_version(model, version)
-        if (
-            self.publish is not None
-            and f"releases/{model}/{version}/manifest.json" not in self.tuf.targets.signed.targets
-        ):
+        published = f"releases/{model}/{version}/manifest.json" in self.tuf.targets.signed.targets
+        if self.publish is not None and not published:
             self.publish(model, version)
         release = {"model": v.model, "version": v.version, "release_digest": v.release_digest}
         out = []
         for d in (self.store.get_device(i) for i in device_ids):
-            device_id = f"{d.tenant}/{d.name}"
-            updated = self.store.instruct(
-                d.id,
-                lambda counter, device_id=device_id: sign_instruction(
-                    self.keys.director, device_id, counter, release, utcnow() + INSTRUCTION_TTL
-                ),
-                actor,
-            )
-            out.append(device_public(updated))
+            if preview:
+                out.append(self._instruct(d, _current(d), release, actor))
+            else:
+                out.append(self._instruct(d, release, None, actor))
         return out
+
+    def clear_preview(self, device_ids: list[int], actor: str) -> None:
+        """Drop the preview from these devices' instructions (they keep what they run)."""
+        for d in (self.store.get_device(i) for i in device_ids):
+            body = (d.instruction or {}).get("instruction") or {}
+            if body.get("preview") is not None:
+                self._instruct(d, body.get("release"), None, actor)
+
+    def _instruct(
+        self, d: Device, release: dict[str, Any] | None, preview: dict[str, Any] | None, actor: str
+    ) -> dict[str, Any]:
+        device_id = f"{d.tenant}/{d.name}"
+        updated = self.store.instruct(
+            d.id,
+            lambda counter: sign_instruction(
+                self.keys.director, device_id, counter, release, utcnow() + INSTRUCTION_TTL, preview
+            ),
+            actor,
+        )
+        return device_public(updated)
+
+
+def _current(d: Device) -> dict[str, Any] | None:
+    """The release a device is instructed to run now (None if it was never told)."""
+    return ((d.instruction or {}).get("instruction") or {}).get("release")

@@ -199,11 +199,22 @@ class RolloutService:
             return
         analysis = step.analysis
         assert analysis is not None
-        if now - p["last_sample"] < analysis.interval_seconds:
-            return
-        canary = [reports[i] for i in p["moved"] if reports[i].get("serving") == ref]
-        # baseline: the cohort devices still on another release (the fleet the canary is compared with)
-        baseline = [rep for rep in reports.values() if rep.get("serving") not in (None, ref)]
+        if not p["moved"]:
+            # Blue-green pre-promotion analysis: nothing is switched yet, so the cohort
+            # installs the release as a preview and scores live traffic in shadow; the
+            # canary is the preview, the baseline the active release on the same requests.
+            if not self._previewing(r, p, plan, devices, reports, ref, now):
+                return
+            if now - p["last_sample"] < analysis.interval_seconds:
+                return
+            canary = [reports[i]["preview"] for i in p["cohort"]]
+            baseline = [reports[i] for i in p["cohort"]]
+        else:
+            if now - p["last_sample"] < analysis.interval_seconds:
+                return
+            canary = [reports[i] for i in p["moved"] if reports[i].get("serving") == ref]
+            # baseline: the cohort devices still on another release (the fleet the canary is compared with)
+            baseline = [rep for rep in reports.values() if rep.get("serving") not in (None, ref)]
         sample = evaluate_sample(analysis, canary, baseline)
         p["last_sample"] = now
         patience = 10 * analysis.samples * analysis.interval_seconds
@@ -241,6 +252,47 @@ class RolloutService:
                     detail={"ask_approvers_of": regulated},
                 )
 
+    def _previewing(
+        self,
+        r: dict[str, Any],
+        p: dict[str, Any],
+        plan: RolloutPlan,
+        devices: dict[int, Device],
+        reports: dict[int, dict[str, Any]],
+        ref: str,
+        now: float,
+    ) -> bool:
+        """Issue the preview to the cohort once, then wait until every device scores it in
+        shadow; True when the preview analysis can sample. Rolls back (drops the previews)
+        when a device cannot install it or does not in time."""
+        if not p.get("previewing"):
+            self.devices.assign_to(p["cohort"], r["model"], r["version"], f"rollout:{r['id']}", preview=True)
+            p["previewing"], p["step_started"] = True, now
+            names = [devices[i].name for i in p["cohort"]]
+            self.store.update_rollout(
+                r["id"],
+                expect="running",
+                state="running",
+                progress=p,
+                action="rollout.preview",
+                detail={"step": p["step"], "devices": names},
+            )
+            return False
+        pending = []
+        for i in p["cohort"]:
+            rep, d = reports[i], devices[i]
+            pre = rep.get("preview") or {}
+            if pre.get("release") == ref:
+                continue
+            if rep.get("attempted", 0) >= d.counter and pre.get("reason") and rep.get("state") != "held":
+                self._rollback(r, f"device {d.tenant}/{d.name} could not preview {ref}: {pre['reason']}")
+                return False
+            pending.append(d.name)
+        if pending and now - p["step_started"] > plan.install_timeout_seconds:
+            self._rollback(r, f"devices {pending} did not preview {ref} within {plan.install_timeout_seconds:.0f}s")
+            return False
+        return not pending
+
     def _next(self, r: dict[str, Any], p: dict[str, Any], detail: dict[str, Any]) -> None:
         p["history"].append({"step": p["step"], **detail})
         p["step"] += 1
@@ -260,6 +312,8 @@ class RolloutService:
         p = r["progress"]
         prev = p["previous"]
         to = None
+        if p.get("previewing"):  # nothing was switched: the cohort just stops scoring the preview
+            self.devices.clear_preview(p["cohort"], f"rollout:{r['id']}:rollback")
         if prev is not None and p["moved"]:
             old = self.store.get_version(prev["model"], prev["version"])
             rb = self.store.register_rollback(old, f"rollout {r['id']}: {reason}", actor)
