@@ -46,6 +46,11 @@ def test_demo_registers_prints_card_promotes_with_approvals_and_reports(tmp_path
     assert r["delivery"]["state"] == "succeeded", r["delivery"]
     assert r["delivery"]["serving"] == {site: "credit-risk:1" for site in r["sites"]}
     assert "rollout 1: succeeded" in out.stdout
+    # a local adapter: the largest bank re-fits its intercept; the composite serves there only
+    ad = r["adapter"]
+    assert ad["params"] == ["0.bias"] and ad["release"] == f"credit-risk-{ad['site']}:1"
+    assert ad["serving"] == ad["release"] and ad["base"] == "credit-risk:1"
+    assert all(isinstance(ad[k]["loss"], float) for k in ("before", "after"))  # base vs composite at that bank
     # the approvers' private keys were written on their side, owner-only
     for site in r["sites"]:
         key = tmp_path / "ws" / "approvers" / f"{site}.pem"

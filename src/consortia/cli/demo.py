@@ -244,6 +244,7 @@ def run_demo(
                 raise ConsortiaError(f"job {job['id']} {job['state']}: {job['reason']}")
             registry = govern(fed, c, job, sc.promotion_policy, workdir, console)
             delivery = deliver(fed, c, registry, sc.partitions, sc.spec, console)
+            adapter = adapt(c, registry, delivery, sc.partitions, console)
         console.print("computing baselines (harness-side, outside the coordinator) ...")
         base = centralized_and_local(sc.spec, sc.partitions)
         fm = job["final_metrics"]
@@ -263,6 +264,7 @@ def run_demo(
             "job_id": job["id"],
             "registry": registry,
             "delivery": delivery,
+            "adapter": adapter,
             "wall_seconds": round(time.monotonic() - started, 2),
         }
         _print_table(console, result)
@@ -451,6 +453,62 @@ def deliver(
     for h in r["progress"]["history"]:
         console.print(f"  step {h['step'] + 1}: {', '.join(f'{k} {v}' for k, v in h.items() if k != 'step')}")
     return {"rollout": r["id"], "state": r["state"], "reason": r["reason"], "serving": serving}
+
+
+def adapt(
+    admin: Any, registry: dict[str, Any], delivery: dict[str, Any] | None, partitions: dict[str, Any], console: Console
+) -> dict[str, Any] | None:
+    """A local adapter on the global base: the bank with the most loans re-fits the model's
+    intercept (``0.bias``: a calibration to its own base rate) on its own data; the
+    composite release goes to that bank's serving endpoint only."""
+    if delivery is None or delivery["state"] != "succeeded":
+        return None
+    site = max(partitions, key=lambda s: len(partitions[s]))
+    base = f"{registry['model']}:{registry['version']}"
+    job = admin.post_json("/v1/jobs/adapt", {"base": base, "site": site, "params": ["0.bias"], "local_epochs": 5})
+    console.print(f"job {job['id']}: {site} fine-tunes an adapter (0.bias) on {base} with its own loans")
+    from consortia.cli.main import watch_job
+
+    job = watch_job(admin, job["id"], console)
+    if job["state"] != "completed":
+        console.print(f"adapter job {job['id']} {job['state']}: {job['reason']}")
+        return None
+    model = job["spec"]["model"]
+    version = admin.get_json(f"/v1/registry/models/{model}")[-1]["version"]
+    comp = admin.get_json(f"/v1/registry/models/{model}/versions/{version}")
+    lin = comp["lineage"]
+    before = lin["composite"]["base"]["metrics_at_site"] or {}
+    after = lin["metrics"]["per_tenant"][site]["sites"][site]
+    ref = f"{model}:{comp['version']}"
+    admin.post_json(
+        "/v1/devices/assign", {"model": model, "version": comp["version"], "tenant": site, "selector": {"kind": "site"}}
+    )
+    deadline = time.monotonic() + 60
+    serving = None
+    while time.monotonic() < deadline and serving != ref:
+        time.sleep(0.3)
+        serving = next(
+            (
+                (d["report"] or {}).get("serving")
+                for d in admin.get_json("/v1/devices")
+                if d["labels"].get("site") == site
+            ),
+            None,
+        )
+    console.print(
+        f"{ref} (global base {base} + {site}'s adapter, {lin['composite']['adapter']['bytes']} bytes) signed; "
+        f"on {site}'s test rows: log loss {_f(before.get('loss'))} -> {_f(after['loss'])}, accuracy "
+        f"{_f(before.get('accuracy'))} -> {_f(after['accuracy'])}; {site} now serves {serving}"
+    )
+    return {
+        "site": site,
+        "base": base,
+        "release": ref,
+        "params": lin["composite"]["adapter"]["params"],
+        "before": {"loss": before.get("loss"), "accuracy": before.get("accuracy")},
+        "after": {"loss": after["loss"], "accuracy": after["accuracy"]},
+        "serving": serving,
+    }
 
 
 def _f(x: Any) -> str:

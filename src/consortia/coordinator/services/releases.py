@@ -1,7 +1,7 @@
 """Signed releases: a model version bound with its configuration, signed in the OpenSSF
 model-signing format with the coordinator's EC P-256 key.
 
-A release bundle binds everything inference needs (format ``consortia-release/2``, see
+A release bundle binds everything inference needs (format ``consortia-release/3``, see
 :mod:`consortia.edge.runtime`): ``model.onnx`` (raw columns in, probability out, the
 agreed preprocessing inside the graph), one file per weight tensor under ``tensors/``
 named by its SHA-256 (ONNX external data: a device never downloads a tensor it holds),
