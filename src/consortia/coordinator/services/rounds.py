@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from consortia.coordinator.faults import crash_point
-from consortia.coordinator.services.lineage import build_lineage
+from consortia.coordinator.services.lineage import build_lineage, contributors
 from consortia.coordinator.services.results import check_histograms, pool, round_metrics, update_metadata
 from consortia.core.aggregate import WeightedSum
 from consortia.core.params import Params, check_compatible
@@ -538,7 +538,7 @@ class RoundService:
                 "params_hash": base.params_hash,
                 "release_digest": base.release_digest,
                 "job_id": base.lineage["job"]["id"],
-                "tenants": sorted(base.lineage["tenants"]),
+                "tenants": contributors(base.lineage),  # a composite's base may itself be one
                 "metrics_at_site": base_site,
             },
             "adapter": {
