@@ -22,20 +22,19 @@ __all__ = ["WeightedSum"]
 class WeightedSum:
     """Running ``sum_k w_k * x_k`` and ``sum_k w_k`` over named float32 arrays.
 
-        Parameters
-        ----------
-        reference
-            Names and shapes every folded update must have (usually the global model).
+    Parameters
+    ----------
+    reference
+        Names and shapes every folded update must have (usually the global model).
 
-        Examples
-        --------
-        >>> import numpy as np
-    from scipy.linalg.blas import saxpy
-        >>> acc = WeightedSum({"w": np.zeros(2, np.float32)})
-        >>> acc.add({"w": np.array([1, 2], np.float32)}, 1.0)
-        >>> acc.add({"w": np.array([3, 6], np.float32)}, 3.0)
-        >>> acc.mean()["w"].tolist()
-        [2.5, 5.0]
+    Examples
+    --------
+    >>> import numpy as np
+    >>> acc = WeightedSum({"w": np.zeros(2, np.float32)})
+    >>> acc.add({"w": np.array([1, 2], np.float32)}, 1.0)
+    >>> acc.add({"w": np.array([3, 6], np.float32)}, 3.0)
+    >>> acc.mean()["w"].tolist()
+    [2.5, 5.0]
     """
 
     def __init__(self, reference: Mapping[str, np.ndarray]) -> None:

@@ -1,0 +1,156 @@
+"""Histograms on bin edges agreed across sites: the raw material of privacy-preserving
+monitoring. Pure numpy (runs on sites and on edge devices).
+
+Agreeing edges without pooling data: each site sends a coarse quantile sketch of each
+numeric feature (:func:`quantile_sketch`: the values at :data:`SKETCH_PROBS`, rounded to
+three significant digits, only from at least ``min_count`` values); the coordinator
+builds the mixture of the sites' piecewise-linear CDFs, weighted by their counts, and
+reads the global deciles off it (:func:`merge_sketches`). Those nine cut points give ten
+bins, roughly equally filled in the consortium's training data; the 1% and 99% points
+give the expected range, outside which a value counts as out of range.
+
+Profiles and monitoring windows are then counts on those bins (:func:`numeric_histogram`,
+:func:`categorical_histogram`: agreed vocabulary plus one bin for anything else), and
+before anything leaves a site, :func:`suppress` zeroes every bin with fewer than the
+site's minimum count (reporting only how many rows were suppressed).
+
+Examples
+--------
+>>> quantile_sketch(np.arange(1000.0), min_count=10)[:3]
+[9.99, 50.0, 99.9]
+>>> numeric_histogram(np.array([0.5, 1.5, np.nan, 9.0]), cuts=[1.0, 2.0], bounds=(0.0, 5.0))
+([1, 1, 1], 1, 1)
+>>> suppress([12, 3, 0, 40], min_count=5)
+([12, 0, 0, 40], 3)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "DECILES",
+    "SKETCH_PROBS",
+    "bins_from_quantiles",
+    "categorical_histogram",
+    "merge_sketches",
+    "numeric_histogram",
+    "quantile_sketch",
+    "round_sig",
+    "suppress",
+]
+
+SKETCH_PROBS = (0.01, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+DECILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+def round_sig(x: float, digits: int = 3) -> float:
+    """``x`` rounded to ``digits`` significant digits (so a sketch point is not a record's value)."""
+    if x == 0 or not math.isfinite(x):
+        return float(x)
+    return float(round(x, digits - 1 - math.floor(math.log10(abs(x)))))
+
+
+def quantile_sketch(values: np.ndarray, min_count: int) -> list[float] | None:
+    """The values at :data:`SKETCH_PROBS` (linear interpolation), rounded to three
+    significant digits; None when fewer than ``min_count`` non-missing values exist."""
+    x = np.asarray(values, dtype=np.float64)
+    x = x[np.isfinite(x)]
+    if x.size < max(min_count, 2):
+        return None
+    return [round_sig(float(v)) for v in np.quantile(x, SKETCH_PROBS)]
+
+
+def merge_sketches(sketches: Sequence[tuple[Sequence[float], int]], probs: Sequence[float] = DECILES) -> list[float]:
+    """Global quantiles at ``probs`` from per-site sketches ``(values at SKETCH_PROBS,
+    count)``: each site's CDF is piecewise linear through its sketch points (flat at 0
+    below the first and 1 above the last point, extended by the sketch's outer gaps),
+    the mixture is weighted by counts, and it is inverted by bisection."""
+    usable = [(np.asarray(q, dtype=np.float64), n) for q, n in sketches if q is not None and n > 0]
+    if not usable:
+        raise ValueError("no site sent a usable sketch for this feature.")
+    for q, _ in usable:
+        if q.shape != (len(SKETCH_PROBS),) or np.any(np.diff(q) < 0) or not np.all(np.isfinite(q)):
+            raise ValueError(f"a sketch must hold {len(SKETCH_PROBS)} finite, non-decreasing values.")
+    total = sum(n for _, n in usable)
+    grid_p = np.concatenate([[0.0], SKETCH_PROBS, [1.0]])
+
+    def site_points(q: np.ndarray) -> np.ndarray:
+        span = max(q[-1] - q[0], 1e-12)
+        return np.concatenate([[q[0] - 0.01 * span], q, [q[-1] + 0.01 * span]])
+
+    points = [(site_points(q), n) for q, n in usable]
+
+    def cdf(x: float) -> float:
+        return sum(n * float(np.interp(x, pts, grid_p)) for pts, n in points) / total
+
+    lo = min(float(p[0]) for p, _ in points)
+    hi = max(float(p[-1]) for p, _ in points)
+    out = []
+    for target in probs:
+        a, b = lo, hi
+        for _ in range(100):
+            mid = (a + b) / 2
+            if cdf(mid) < target:
+                a = mid
+            else:
+                b = mid
+        out.append(round_sig((a + b) / 2, 4))
+    return out
+
+
+def bins_from_quantiles(quantiles: Sequence[float]) -> list[float]:
+    """Strictly increasing cut points from merged deciles (ties collapse: a feature with
+    few distinct values gets fewer bins)."""
+    cuts: list[float] = []
+    for q in quantiles:
+        if not cuts or q > cuts[-1]:
+            cuts.append(float(q))
+    return cuts
+
+
+def numeric_histogram(
+    values: np.ndarray, cuts: Sequence[float], bounds: tuple[float, float] | None = None
+) -> tuple[list[int], int, int]:
+    """(counts per bin, missing, out of range) of ``values`` on bins ``(-inf, c1], (c1, c2],
+    ..., (ck, inf)``; out of range means outside ``bounds`` (counted in a bin too)."""
+    x = np.asarray(values, dtype=np.float64)
+    missing = ~np.isfinite(x)
+    ok = x[~missing]
+    idx = np.searchsorted(np.asarray(cuts, dtype=np.float64), ok, side="left")
+    counts = np.bincount(idx, minlength=len(cuts) + 1)
+    oor = 0
+    if bounds is not None:
+        oor = int(np.count_nonzero((ok < bounds[0]) | (ok > bounds[1])))
+    return [int(c) for c in counts], int(missing.sum()), oor
+
+
+def categorical_histogram(
+    values: Sequence[object], vocabulary: Sequence[str], missing_token: str
+) -> tuple[list[int], int]:
+    """(counts per vocabulary value plus one "other" bin, missing). ``missing_token`` is
+    how missing values appear in ``values`` (they are counted as missing, not other)."""
+    index = {v: i for i, v in enumerate(vocabulary)}
+    counts = [0] * (len(vocabulary) + 1)
+    missing = 0
+    for v in values:
+        if v is None or v == missing_token or (isinstance(v, float) and math.isnan(v)):
+            missing += 1
+            continue
+        counts[index.get(str(v), len(vocabulary))] += 1
+    return counts, missing
+
+
+def suppress(counts: Sequence[int], min_count: int) -> tuple[list[int], int]:
+    """Zero every bin with 0 < count < ``min_count``; returns (counts, rows suppressed)."""
+    out, dropped = [], 0
+    for c in counts:
+        if 0 < c < min_count:
+            out.append(0)
+            dropped += int(c)
+        else:
+            out.append(int(c))
+    return out, dropped
