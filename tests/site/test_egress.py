@@ -52,6 +52,7 @@ def test_every_byte_a_site_sends_fits_the_egress_contract(coord, tmp_path):
         for col in ("fake_first_name", "fake_last_name"):
             identifiers |= {v for v in frame[col].dropna().astype(str) if len(v) >= 4}
     params = None
+    references = 0
     for name, rec in recorders.items():
         assert rec.sent, name
         for method, path, body in rec.sent:
@@ -76,12 +77,23 @@ def test_every_byte_a_site_sends_fits_the_egress_contract(coord, tmp_path):
                     counts = [c for stats in result.profile.categorical.values() for c in stats.counts.values()]
                     assert counts and min(counts) >= policy.min_count
                     assert result.fingerprint is not None and result.fingerprint.row_count == result.profile.rows
+                if result.profile is not None:  # quantile sketches are coarse (3 significant digits)
+                    for stats in result.profile.numeric.values():
+                        for q in stats.quantiles or []:
+                            assert q == float(f"{q:.3g}"), q
+                if result.reference is not None:  # every histogram bin is empty or >= the minimum count
+                    ref = result.reference
+                    bins = [c for fp in ref.features.values() for c in (*fp.counts, fp.missing, fp.out_of_range)]
+                    bins += [c for hist in ref.scores.values() for c in hist]
+                    assert bins and all(c == 0 or c >= policy.min_count for c in bins)
+                    references += 1
                 if result.evaluation is not None and result.evaluation.groups is not None:
                     assert all(g.n >= policy.min_count for g in result.evaluation.groups.values())
                     assert set(result.evaluation.groups) <= {"female", "male"}
             words = set(text.replace('"', " ").replace(",", " ").replace(":", " ").split())
             assert not (words & identifiers), (name, path, sorted(words & identifiers)[:5])
             assert "fake_first_name" not in text and "subject_id" not in text
+    assert references == len(recorders)  # each site sent its (suppressed) reference profile
     # what the coordinator holds about the sites' data: hashes and counts, no rows
     lineage = coord.admin.get_json(f"/v1/registry/models/{spec['name']}/versions/1")["lineage"]
     fps = [fp for r in lineage["rounds"] for fp in r["fingerprints"].values()]

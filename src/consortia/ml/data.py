@@ -1,9 +1,10 @@
 """Local data handling at a site: load, check against the job's schema, split, profile,
 and transform with the preprocessing plan agreed across sites.
 
-Profiles contain sums and category counts over the site's training split, with
-categories rarer than the job's ``min_category_count`` suppressed, so no row and no rare
-value leaves the site. :func:`merge_profiles` runs on the coordinator and turns them
+Profiles contain sums, coarse quantile sketches (for agreeing monitoring bin edges) and
+category counts over the site's training split, with categories rarer than the job's
+``min_category_count`` suppressed, so no row and no rare value leaves the site.
+:func:`merge_profiles` runs on the coordinator and turns them
 into a :class:`~consortia.protocol.PreprocessingPlan`.
 """
 
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from consortia.core.profile import bins_from_quantiles, merge_sketches, quantile_sketch
 from consortia.errors import SchemaMismatchError, ValidationError
 from consortia.protocol.schemas import (
     CategoricalStats,
@@ -121,7 +123,12 @@ def profile(df: pd.DataFrame, spec: JobSpec, min_count: int = 1) -> ProfileResul
     for f in spec.features:
         if f.type == "numeric":
             x = pd.to_numeric(df[f.name], errors="coerce").astype("float64").dropna().to_numpy()
-            numeric[f.name] = NumericStats(count=int(x.size), sum=float(x.sum()), sumsq=float((x * x).sum()))
+            numeric[f.name] = NumericStats(
+                count=int(x.size),
+                sum=float(x.sum()),
+                sumsq=float((x * x).sum()),
+                quantiles=quantile_sketch(x, min_count),
+            )
         elif f.vocabulary == "agreed" or f.vocabulary is None:
             counts = _categorical_values(df[f.name]).value_counts()
             kept = {str(k): int(v) for k, v in counts.items() if v >= min_count}
@@ -135,6 +142,8 @@ def merge_profiles(profiles: Sequence[ProfileResult], spec: JobSpec) -> Preproce
         raise ValidationError("no site profiles to merge; at least one site must report.")
     numeric: dict[str, tuple[float, float]] = {}
     categorical: dict[str, list[str]] = {}
+    cuts: dict[str, list[float]] = {}
+    bounds: dict[str, tuple[float, float]] = {}
     for f in spec.features:
         if f.type == "numeric":
             n = sum(p.numeric[f.name].count for p in profiles if f.name in p.numeric)
@@ -146,6 +155,18 @@ def merge_profiles(profiles: Sequence[ProfileResult], spec: JobSpec) -> Preproce
             if not spec.preprocessing.standardize:
                 mean = 0.0
             numeric[f.name] = (mean, std if std > 1e-12 else 1.0)
+            sketches = [
+                (p.numeric[f.name].quantiles, p.numeric[f.name].count)
+                for p in profiles
+                if f.name in p.numeric and p.numeric[f.name].quantiles is not None
+            ]
+            if sketches:
+                try:
+                    cuts[f.name] = bins_from_quantiles(merge_sketches(sketches))
+                    lo, hi = merge_sketches(sketches, (0.01, 0.99))
+                    bounds[f.name] = (lo, hi)
+                except ValueError as exc:
+                    raise ValidationError(f"feature {f.name!r}: malformed quantile sketch from a site: {exc}") from exc
         elif isinstance(f.vocabulary, list):
             categorical[f.name] = list(f.vocabulary)
         else:
@@ -155,7 +176,13 @@ def merge_profiles(profiles: Sequence[ProfileResult], spec: JobSpec) -> Preproce
                     totals[k] = totals.get(k, 0) + v
             vocab = sorted(k for k, v in totals.items() if v >= spec.preprocessing.min_category_count)
             categorical[f.name] = vocab or [MISSING]
-    return PreprocessingPlan(numeric=numeric, categorical=categorical, feature_order=[f.name for f in spec.features])
+    return PreprocessingPlan(
+        numeric=numeric,
+        categorical=categorical,
+        feature_order=[f.name for f in spec.features],
+        cuts=cuts,
+        bounds=bounds,
+    )
 
 
 def transform(df: pd.DataFrame, plan: PreprocessingPlan) -> np.ndarray:

@@ -7,6 +7,7 @@ Tensors never travel as JSON: they are safetensors bodies addressed by SHA-256.
 
 from __future__ import annotations
 
+import math
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
@@ -25,6 +26,7 @@ __all__ = [
     "EnrollResponse",
     "EnrollmentTokenPublic",
     "EvaluationResult",
+    "FeatureProfile",
     "FeatureSpec",
     "GroupEvaluation",
     "JobEventPublic",
@@ -37,6 +39,7 @@ __all__ = [
     "PreprocessingSpec",
     "ProfileResult",
     "RecipeSpec",
+    "ReferenceProfile",
     "RefusalRequest",
     "RoundPublic",
     "SitePublic",
@@ -222,6 +225,22 @@ class NumericStats(_Strict):
     count: int = Field(ge=0)
     sum: float
     sumsq: float = Field(ge=0)
+    quantiles: list[float] | None = Field(
+        default=None, description="values at core.profile.SKETCH_PROBS, 3 significant digits (bin-edge agreement)"
+    )
+
+    @field_validator("quantiles")
+    @classmethod
+    def _sketch(cls, v: list[float] | None) -> list[float] | None:
+        from consortia.core.profile import SKETCH_PROBS
+
+        if v is None:
+            return v
+        if len(v) != len(SKETCH_PROBS) or any(not math.isfinite(x) for x in v):
+            raise ValueError(f"quantiles must be {len(SKETCH_PROBS)} finite values")
+        if any(b < a for a, b in zip(v, v[1:], strict=False)):
+            raise ValueError("quantiles must be non-decreasing")
+        return v
 
 
 class CategoricalStats(_Strict):
@@ -244,6 +263,12 @@ class PreprocessingPlan(_Strict):
     numeric: dict[str, tuple[float, float]] = Field(description="name -> (mean, std)")
     categorical: dict[str, list[str]] = Field(description="name -> vocabulary")
     feature_order: list[str]
+    cuts: dict[str, list[float]] = Field(
+        default_factory=dict, description="numeric name -> agreed monitoring bin cut points (global deciles)"
+    )
+    bounds: dict[str, tuple[float, float]] = Field(
+        default_factory=dict, description="numeric name -> expected range (global 1% and 99% points)"
+    )
 
     @property
     def input_dim(self) -> int:
@@ -288,12 +313,40 @@ class DataFingerprint(_Strict):
     content_hash: str = Field(pattern=r"^[0-9a-f]{64}$")
 
 
+class FeatureProfile(_Strict):
+    """One feature on the agreed bins: numeric bins ``(-inf, c1], ..., (ck, inf)`` or
+    vocabulary values plus one "other" bin; bins under the site's minimum count zeroed."""
+
+    counts: list[int]
+    missing: int = Field(default=0, ge=0)
+    out_of_range: int = Field(default=0, ge=0, description="numeric: outside the agreed bounds; categorical: unseen")
+    suppressed: int = Field(default=0, ge=0, description="rows in bins zeroed by minimum-count suppression")
+
+    @field_validator("counts")
+    @classmethod
+    def _non_negative(cls, v: list[int]) -> list[int]:
+        if not v or any(c < 0 for c in v):
+            raise ValueError("counts must be a non-empty list of counts >= 0")
+        return v
+
+
+class ReferenceProfile(_Strict):
+    """A site's (or the consortium's) reference for monitoring: every feature of its
+    training split on the agreed bins, and the final model's score histograms per class
+    on its test split. Only histograms with suppressed small bins."""
+
+    rows: int = Field(ge=0)
+    features: dict[str, FeatureProfile]
+    scores: dict[Literal["negative", "positive"], list[int]] = Field(default_factory=dict)
+
+
 class TaskResultPublic(_Strict):
     """JSON result of a profile or evaluate task."""
 
     profile: ProfileResult | None = None
     evaluation: EvaluationResult | None = None
     fingerprint: DataFingerprint | None = None
+    reference: ReferenceProfile | None = None
 
 
 class RefusalRequest(_Strict):

@@ -25,6 +25,7 @@ from consortia.ml.evaluate import evaluate_scores
 from consortia.protocol.schemas import EvaluationResult, JobSpec, PreprocessingPlan, TaskPublic, TaskResultPublic
 from consortia.protocol.tensors import decode, encode
 from consortia.site.client import CoordinatorClient
+from consortia.site.monitor import build_reference, suppressed, write_reference
 from consortia.site.policy import PolicyRefusal, SitePolicy, check_task
 
 __all__ = ["HANDLERS", "Prepared", "SiteContext", "dispatch", "prepare", "register", "task_seed"]
@@ -166,9 +167,18 @@ def handle_evaluate(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     assert task.global_hash is not None
     params = ctx.global_params(task.global_hash)
     rows = p.frame.iloc[p.test]
-    evaluation = _evaluate(ctx, spec, p, params, transform(rows, plan), p.test, with_groups=True)
+    X_test = transform(rows, plan)
+    evaluation = _evaluate(ctx, spec, p, params, X_test, p.test, with_groups=True)
+    # the reference for monitoring: training rows on the agreed bins, test scores per class
+    reference = build_reference(p.frame.iloc[p.train], spec, plan, _scores(spec, params, X_test), p.y[p.test])
+    write_reference(ctx.home, task.job_id, reference)
     return ctx.client.submit_result(
-        task.id, TaskResultPublic(evaluation=evaluation, fingerprint=fingerprint(rows, spec))
+        task.id,
+        TaskResultPublic(
+            evaluation=evaluation,
+            fingerprint=fingerprint(rows, spec),
+            reference=suppressed(reference, ctx.policy.min_count),
+        ),
     )
 
 

@@ -4,16 +4,17 @@ model-signing format with the coordinator's EC P-256 key.
 A release bundle binds everything inference needs (format ``consortia-release/3``, see
 :mod:`consortia.edge.runtime`): ``model.onnx`` (raw columns in, probability out, the
 agreed preprocessing inside the graph), one file per weight tensor under ``tensors/``
-named by its SHA-256 (ONNX external data: a device never downloads a tensor it holds),
-``config.json`` (recipe, features, label, preprocessing, threshold), ``sample.json``
-(smoke-test inputs), the model card, the lineage, and ``manifest.json`` listing every part
-by role, hash and size, with model, version and parameter hash (binding the identity into
-the signed content), the outputs the trained model gives for the sample, and a slot for a
-vector-index snapshot. ``model_signing`` hashes
-every file into an in-toto statement and signs it (a Sigstore bundle with a DSSE
-envelope, no transparency log: offline). The statement's subject digest is the
-*release digest* that approvers sign. Anyone can check a release with the package's own
-CLI: ``model_signing verify key DIR --public_key release-p256.pub.pem --signature SIG``.
+(ONNX external data), ``config.json`` (recipe, features, label, preprocessing,
+threshold), ``sample.json`` (smoke-test inputs), ``reference.json`` (the agreed
+monitoring bins and the global reference profile: the sites' suppressed histograms
+summed), the model card, the lineage, and ``manifest.json`` listing every part by role,
+hash and size, with model, version and parameter hash (binding the identity into the
+signed content), the outputs the trained model gives for the sample, and a slot for a
+vector-index snapshot. ``model_signing`` hashes every file into an in-toto statement and
+signs it (a Sigstore bundle with a DSSE envelope, no transparency log: offline). The
+statement's subject digest is the *release digest* that approvers sign. Anyone can check
+a release with the package's own CLI:
+``model_signing verify key DIR --public_key release-p256.pub.pem --signature SIG``.
 """
 
 from __future__ import annotations
@@ -80,6 +81,17 @@ def write_bundle(root: Path, v: ModelVersion, params: dict[str, np.ndarray], thr
     sample = sample_inputs(plan, spec["features"])
     expected = predict(recipe, options, params, transform(pd.DataFrame(sample), plan))
     parts.append(_part(root, "sample", "sample.json", _dump(sample)))
+    if lin.get("reference"):  # what serving agents compare their traffic with (monitoring)
+        bins = {
+            f["name"]: (
+                {"kind": "numeric", "cuts": plan.cuts.get(f["name"], []), "bounds": plan.bounds.get(f["name"])}
+                if f["type"] == "numeric"
+                else {"kind": "categorical", "vocabulary": plan.categorical[f["name"]]}
+            )
+            for f in spec["features"]
+        }
+        reference = {"format": "consortia-reference/1", "bins": bins, "score_bins": 10, **lin["reference"]}
+        parts.append(_part(root, "reference", "reference.json", _dump(reference)))
     card = model_card(v)
     card["release_digest"] = None  # unknown until signed; the registry serves the live card
     parts.append(_part(root, "card", "model-card.json", _dump(card)))

@@ -10,9 +10,17 @@ import numpy as np
 
 from consortia.core.metrics import SCORE_BINS, auc_from_histograms, fairness_from_groups
 from consortia.errors import UpdateError, ValidationError
-from consortia.protocol.schemas import DataFingerprint, EvaluationResult
+from consortia.protocol.schemas import (
+    DataFingerprint,
+    EvaluationResult,
+    FeatureProfile,
+    JobSpec,
+    PreprocessingPlan,
+    ReferenceProfile,
+)
+from consortia.site.monitor import SCORE_BINS as REFERENCE_SCORE_BINS
 
-__all__ = ["check_histograms", "pool", "round_metrics", "update_metadata"]
+__all__ = ["check_histograms", "check_reference", "merge_references", "pool", "round_metrics", "update_metadata"]
 
 
 def _check_pair(neg: list[int], pos: list[int], n: int, what: str) -> None:
@@ -118,3 +126,39 @@ def round_metrics(updates: list[Any]) -> dict[str, Any]:
         "bytes_received": sum(u.nbytes for u in updates),
         "validation_of_incoming_model": pooled,
     }
+
+
+def check_reference(ref: ReferenceProfile, spec: JobSpec, plan: PreprocessingPlan) -> None:
+    """A site's reference must describe exactly the job's features on the agreed bins."""
+    names = {f.name for f in spec.features}
+    if set(ref.features) != names:
+        raise ValidationError(
+            f"reference profile covers {sorted(ref.features)}, the job's features are {sorted(names)}."
+        )
+    for name, fp in ref.features.items():
+        want = len(plan.cuts.get(name, [])) + 1 if name in plan.numeric else len(plan.categorical[name]) + 1
+        if len(fp.counts) != want:
+            raise ValidationError(f"reference of {name!r} has {len(fp.counts)} bins; the agreed bins are {want}.")
+        if sum(fp.counts) + fp.missing > ref.rows:
+            raise ValidationError(f"reference of {name!r} counts more rows than the profile's {ref.rows}.")
+    for cls, hist in ref.scores.items():
+        if len(hist) != REFERENCE_SCORE_BINS or any(c < 0 for c in hist):
+            raise ValidationError(f"reference score histogram {cls!r} must have {REFERENCE_SCORE_BINS} counts >= 0.")
+
+
+def merge_references(refs: list[ReferenceProfile]) -> ReferenceProfile:
+    """The global reference: the sites' (suppressed) histograms summed bin by bin."""
+    features: dict[str, FeatureProfile] = {}
+    for name in refs[0].features:
+        fps = [r.features[name] for r in refs]
+        features[name] = FeatureProfile(
+            counts=[int(x) for x in np.sum([fp.counts for fp in fps], axis=0)],
+            missing=sum(fp.missing for fp in fps),
+            out_of_range=sum(fp.out_of_range for fp in fps),
+            suppressed=sum(fp.suppressed for fp in fps),
+        )
+    scores: dict[str, list[int]] = {}
+    for r in refs:
+        for cls, hist in r.scores.items():
+            scores[cls] = [a + b for a, b in zip(scores.get(cls, [0] * len(hist)), hist, strict=True)]
+    return ReferenceProfile.model_validate({"rows": sum(r.rows for r in refs), "features": features, "scores": scores})

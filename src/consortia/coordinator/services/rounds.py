@@ -30,7 +30,14 @@ import numpy as np
 
 from consortia.coordinator.faults import crash_point
 from consortia.coordinator.services.lineage import build_lineage, contributors
-from consortia.coordinator.services.results import check_histograms, pool, round_metrics, update_metadata
+from consortia.coordinator.services.results import (
+    check_histograms,
+    check_reference,
+    merge_references,
+    pool,
+    round_metrics,
+    update_metadata,
+)
 from consortia.core.aggregate import WeightedSum
 from consortia.core.params import Params, check_compatible
 from consortia.core.strategies import make_strategy
@@ -48,7 +55,9 @@ from consortia.protocol.schemas import (
     AdapterRequest,
     EvaluationResult,
     JobSpec,
+    PreprocessingPlan,
     ProfileResult,
+    ReferenceProfile,
     RefusalRequest,
     TaskPublic,
     TaskResultPublic,
@@ -361,6 +370,11 @@ class RoundService:
             raise ConflictError(f"task {task_id} is a train task; upload a safetensors update instead.")
         if result.evaluation is not None:
             check_histograms(result.evaluation)
+        if result.reference is not None:
+            job = self.store.get_job(task.job_id)
+            check_reference(
+                result.reference, JobSpec.model_validate(job.spec), PreprocessingPlan.model_validate(job.preprocessing)
+            )
         status = self.store.complete_task(task, state="completed", result=result.model_dump(mode="json"))
         if status == "recorded":
             self._schedule_check(task.round_id)
@@ -509,6 +523,14 @@ class RoundService:
         updates = {r.id: self.store.round_updates(r.id) for r in rounds if r.kind == "train" and r.state == "closed"}
         sites = self.store.list_sites()
         lineage = build_lineage(job, rounds, updates, sites, self.store.list_tenants(), metrics, rnd.global_in)
+        refs = {
+            t.site: ReferenceProfile.model_validate(t.result["reference"]) for t in done if t.result.get("reference")
+        }
+        if refs:  # the global reference for monitoring: the sites' suppressed histograms, summed
+            lineage["reference"] = {
+                "sites": sorted(refs),
+                "profile": merge_references(list(refs.values())).model_dump(mode="json"),
+            }
         if spec.adapter is not None:
             lineage["composite"] = self._composite_lineage(spec, sites, rnd.global_in)
         version = self.store.finish_job(
