@@ -128,8 +128,16 @@ class Federation:
             self.serve_ports[name] = serve_port
         self.sites[name] = self._spawn(args, f"site-{name}.log")
 
-    def start_edge(self, name: str, token: str | None, labels: str, port: int, poll_seconds: float = 1.0) -> None:
-        """An edge agent process with its own home and serving port."""
+    def start_edge(
+        self,
+        name: str,
+        token: str | None,
+        labels: str,
+        port: int,
+        poll_seconds: float = 1.0,
+        extra: list[str] | None = None,
+    ) -> None:
+        """An edge agent process with its own home and serving port (``extra``: more flags)."""
         args = [
             "edge",
             "run",
@@ -148,6 +156,7 @@ class Federation:
         ]
         if token:
             args += ["--token", token]
+        args += extra or []
         self.edges[name] = self._spawn(args, f"edge-{name}.log")
         self.edge_ports[name] = port
 

@@ -42,6 +42,11 @@ def edge_run(
         str | None,
         typer.Option(envvar="CONSORTIA_SERVING_TOKEN", help="token callers send (default HOME/serving.token)"),
     ] = None,
+    min_count: Annotated[
+        int, typer.Option(min=1, help="monitoring: counts below this are zeroed before a window leaves")
+    ] = 10,
+    window_rows: Annotated[int, typer.Option(min=1, help="monitoring: a window closes after this many rows")] = 1000,
+    window_seconds: Annotated[float, typer.Option(min=1.0, help="monitoring: ... or after this long")] = 60.0,
 ) -> None:
     """Enroll (first run), then follow signed instructions and serve the last known good release."""
     import uvicorn
@@ -57,6 +62,7 @@ def edge_run(
         labels=_labels(labels),
         poll_seconds=poll_seconds,
         serving_token=serving_token,
+        monitoring={"min_count": min_count, "max_rows": window_rows, "max_seconds": window_seconds},
     )
     server = uvicorn.Server(uvicorn.Config(agent.app, host=host, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)

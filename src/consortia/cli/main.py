@@ -171,15 +171,16 @@ def site_run(
     credential = load_or_enroll(coordinator, token, home, site_name)
     agent = SiteAgent(coordinator, credential, data, home, site_name, poll_seconds=poll_seconds, policy=site_policy)
     if serve_port is not None:
-        _serve_site(coordinator, home, agent, serve_host, serve_port, site_policy.deployments_require_local_approval)
+        _serve_site(coordinator, home, agent, serve_host, serve_port, site_policy)
     try:
         agent.run()
     except KeyboardInterrupt:
         agent.stop.set()
 
 
-def _serve_site(coordinator: str, home: Path, agent: Any, host: str, port: int, local_approval: bool) -> None:
-    """The site's serving endpoint: an edge agent enrolled with the site's own credential."""
+def _serve_site(coordinator: str, home: Path, agent: Any, host: str, port: int, policy: Any) -> None:
+    """The site's serving endpoint: an edge agent enrolled with the site's own credential,
+    under the site's policy (local approval of deployments, minimum count of monitoring)."""
     import threading
 
     import uvicorn
@@ -191,7 +192,8 @@ def _serve_site(coordinator: str, home: Path, agent: Any, host: str, port: int, 
         home / "serving",
         poll_seconds=2.0,
         enroll=lambda: agent.client.post_json("/v1/sites/me/serving-device", {}),
-        require_local_approval=local_approval,
+        require_local_approval=policy.deployments_require_local_approval,
+        monitoring={"min_count": policy.min_count},
     )
     server = uvicorn.Server(uvicorn.Config(edge.app, host=host, port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()

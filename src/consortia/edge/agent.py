@@ -64,6 +64,7 @@ class EdgeAgent:
         serving_token: str | None = None,
         enroll: Callable[[], dict[str, Any]] | None = None,
         require_local_approval: bool = False,
+        monitoring: dict[str, Any] | None = None,
     ) -> None:
         from consortia.site.client import CoordinatorClient
 
@@ -99,7 +100,7 @@ class EdgeAgent:
                 self.release = load_release(self._dir(self.state["release"]))
             except ConsortiaError as exc:  # the last known good bundle was damaged on disk
                 self.status, self.reason = "failed", f"last known good release unusable: {exc.message}"
-        self.app = create_serving_app(self.release, serving_token)
+        self.app = create_serving_app(self.release, serving_token, monitoring)
 
     # ------------------------------------------------------------------ identity and state
 
@@ -259,6 +260,20 @@ class EdgeAgent:
                 "preview": self._preview_report(),
             },
         )
+        self.send_windows()
+
+    def send_windows(self) -> None:
+        """Send closed monitoring windows; what cannot be sent now waits (bounded)."""
+        serving = self.app.state.serving
+        windows = serving.windows()
+        for i, w in enumerate(windows):
+            try:
+                self.client.post_json("/v1/devices/me/monitoring", w)
+            except CoordinatorUnavailable:
+                serving.requeue(windows[i:])
+                raise
+            except ConsortiaError as exc:  # refused (e.g. a window about a retired release): drop it
+                log.warning("monitoring window dropped: %s", exc.message)
 
     def _preview_report(self) -> dict[str, Any] | None:
         serving = self.app.state.serving

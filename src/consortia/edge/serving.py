@@ -37,6 +37,7 @@ from typing import Any
 from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
+from consortia.edge.monitoring import PRED_BINS, WindowMonitor, load_bins
 from consortia.edge.runtime import Release, load_release
 from consortia.errors import AuthError, ConsortiaError, PayloadTooLargeError, ValidationError
 
@@ -80,9 +81,6 @@ class LatencyHistogram:
         return {"count": self.total, "p50": self.quantile(0.5), "p95": self.quantile(0.95), "p99": self.quantile(0.99)}
 
 
-PRED_BINS = 10
-
-
 @dataclass
 class Signals:
     """What a release in preview did on live traffic, scored in shadow."""
@@ -103,9 +101,11 @@ def _bin(hist: list[int], probs: Any) -> None:
         hist[int(i)] += int(c)
 
 
-def _remember(pending: OrderedDict[str, tuple[str, bool]], ids: list[str], ref: str, decisions: Any) -> None:
-    for i, d in zip(ids, decisions, strict=True):
-        pending[i] = (ref, bool(d))
+def _remember(
+    pending: OrderedDict[str, tuple[str, bool, float]], ids: list[str], ref: str, decisions: Any, probs: Any
+) -> None:
+    for i, d, p in zip(ids, decisions, probs, strict=True):
+        pending[i] = (ref, bool(d), float(p))
         pending.move_to_end(i)
     while len(pending) > MAX_PENDING:
         pending.popitem(last=False)
@@ -124,16 +124,41 @@ class ServingState:
     pred_hist: list[int] = field(default_factory=lambda: [0] * PRED_BINS)
     labelled: int = 0
     correct: int = 0
-    pending: OrderedDict[str, tuple[str, bool]] = field(default_factory=OrderedDict)
+    pending: OrderedDict[str, tuple[str, bool, float]] = field(default_factory=OrderedDict)
     preview: Release | None = None  # blue-green: scored in shadow, never answers
     shadow: Signals = field(default_factory=Signals)
-    shadow_pending: OrderedDict[str, tuple[str, bool]] = field(default_factory=OrderedDict)
+    shadow_pending: OrderedDict[str, tuple[str, bool, float]] = field(default_factory=OrderedDict)
+    monitoring: dict[str, Any] = field(default_factory=dict)  # WindowMonitor settings (min_count, ...)
+    monitor: WindowMonitor | None = None
+    outbox: list[dict[str, Any]] = field(default_factory=list)  # closed windows of retired releases
+
+    def __post_init__(self) -> None:
+        if self.release is not None:
+            self.monitor = self._new_monitor(self.release)
+
+    def _new_monitor(self, release: Release) -> WindowMonitor:
+        return WindowMonitor(release.ref, load_bins(release), **self.monitoring)
 
     def activate(self, release: Release) -> None:
         self.latency, self.predictions, self.errors = LatencyHistogram(), 0, 0
         self.pred_hist = [0] * PRED_BINS
         self.labelled = self.correct = 0
+        old, self.monitor = self.monitor, self._new_monitor(release)
+        if old is not None:  # the old release's last window closes with it
+            old.flush()
+            self.outbox.extend(old.drain())
         self.release = release  # one reference assignment: requests see the old or the new, never a mix
+
+    def windows(self) -> list[dict[str, Any]]:
+        """Closed monitoring windows to send (and forget); put back with :meth:`requeue`."""
+        out, self.outbox = self.outbox, []
+        if self.monitor is not None:
+            self.monitor.tick()
+            out += self.monitor.drain()
+        return out
+
+    def requeue(self, windows: list[dict[str, Any]]) -> None:
+        self.outbox = (windows + self.outbox)[-1000:]
 
     def set_preview(self, release: Release | None) -> None:
         """Score ``release`` in shadow from now on (None stops); its counters start at zero."""
@@ -174,16 +199,19 @@ def _rows(body: Any) -> Any:
     raise ValidationError('expected {"row": {col: value}}, {"rows": [{...}, ...]} or {"columns": {col: [...]}}.')
 
 
-def create_serving_app(release: str | Path | Release | None, token: str | None = None) -> FastAPI:
+def create_serving_app(
+    release: str | Path | Release | None, token: str | None = None, monitoring: dict[str, Any] | None = None
+) -> FastAPI:
     """A serving app over ``release`` (a bundle path or a loaded release; None until a
-    release is activated). ``token`` defaults to ``CONSORTIA_SERVING_TOKEN``."""
+    release is activated). ``token`` defaults to ``CONSORTIA_SERVING_TOKEN``;
+    ``monitoring`` sets the windows (``min_count``, ``max_rows``, ``max_seconds``)."""
     import os
 
     token = token or os.environ.get("CONSORTIA_SERVING_TOKEN")
     if not token:
         raise ValidationError("serving needs a bearer token: pass one or set CONSORTIA_SERVING_TOKEN.")
     loaded = load_release(release) if isinstance(release, str | Path) else release
-    state = ServingState(loaded, hashlib.sha256(token.encode()).hexdigest())
+    state = ServingState(loaded, hashlib.sha256(token.encode()).hexdigest(), monitoring=dict(monitoring or {}))
     app = FastAPI(title="Consortia serving", description="POST /v1/predict with a bearer token.")
     app.state.serving = state
     app.state.release = loaded
@@ -213,7 +241,7 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
         sig.predictions += len(probs)
         _bin(sig.pred_hist, probs)
         if ids is not None:
-            _remember(state.shadow_pending, ids, pre.ref, decisions)
+            _remember(state.shadow_pending, ids, pre.ref, decisions, probs)
 
     @app.post("/v1/predict")
     async def predict(request: Request, background: BackgroundTasks) -> Response:
@@ -231,10 +259,14 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
             if rel is None:
                 raise ConsortiaError("no release is active here yet.")
             rows = _rows(body)
-            probs, decisions = rel.decide(rows)
+            feeds = rel.inputs(rows)
+            probs = rel.predict(feeds)
+            decisions = probs >= rel.threshold
             ids = _ids(body, len(probs))
         except ConsortiaError:
             state.errors += 1
+            if state.monitor is not None:
+                state.monitor.error()
             raise
         out = {
             "release": rel.ref,
@@ -246,10 +278,14 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
         state.predictions += len(probs)
         state.count(probs)
         if ids is not None:
-            _remember(state.pending, ids, rel.ref, decisions)
+            _remember(state.pending, ids, rel.ref, decisions, probs)
         if state.preview is not None:
-            background.add_task(shadow, rows, ids)
-        state.latency.observe(time.perf_counter() - start)
+            background.add_task(shadow, feeds, ids)
+        seconds = time.perf_counter() - start
+        state.latency.observe(seconds)
+        monitor = state.monitor
+        if monitor is not None and monitor.release == rel.ref:  # windows: after the answer has gone out
+            background.add_task(monitor.observe, feeds, probs, seconds)
         return Response(json.dumps(out), media_type="application/json")
 
     @app.post("/v1/labels")
@@ -283,6 +319,8 @@ def create_serving_app(release: str | Path | Release | None, token: str | None =
                 matched += 1
                 state.labelled += 1
                 state.correct += int(hit[1] == label)
+                if state.monitor is not None and state.monitor.release == hit[0]:
+                    state.monitor.label(hit[2], label)
         return {
             "matched": matched,
             "stale": stale,

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import re
+from datetime import datetime
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from consortia.protocol.schemas import Name
+from consortia.protocol.schemas import FeatureProfile, Name
 
-__all__ = ["AssignRequest", "DeviceEnrollRequest", "DeviceEnrolled", "DeviceReport", "parse_labels"]
+__all__ = [
+    "AssignRequest",
+    "DeviceEnrollRequest",
+    "DeviceEnrolled",
+    "DeviceReport",
+    "LatencySummary",
+    "MonitoringWindow",
+    "parse_labels",
+]
 
 _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,62}$")
 
@@ -99,3 +108,40 @@ class AssignRequest(_Strict):
     selector: dict[str, str] = Field(default_factory=dict, description="labels a device must carry")
     tenant: str | None = None
     devices: list[str] | None = Field(default=None, description="or name devices explicitly")
+
+
+class LatencySummary(_Strict):
+    count: int = Field(ge=0)
+    p50: float | None = Field(default=None, ge=0)
+    p95: float | None = Field(default=None, ge=0)
+    p99: float | None = Field(default=None, ge=0)
+
+
+class MonitoringWindow(_Strict):
+    """What a serving agent sends about a window of its traffic: aggregates on the
+    release's agreed bins, every count under ``min_count`` zeroed. Never a row, a value
+    or an identifier."""
+
+    release: str = Field(max_length=200, description="model:version that served the window")
+    started_at: datetime
+    ended_at: datetime
+    rows: int = Field(ge=0, description="rows scored in the window")
+    requests: int = Field(ge=0)
+    errors: int = Field(ge=0)
+    features: dict[str, FeatureProfile] = Field(max_length=10_000)
+    predictions: list[int] = Field(max_length=100, description="rows per score bin")
+    latency: LatencySummary
+    labelled: dict[Literal["negative", "positive"], list[int]] = Field(
+        default_factory=dict, description="scores of rows whose delayed label arrived, per true class"
+    )
+    min_count: int = Field(ge=1, description="the suppression applied")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> MonitoringWindow:
+        if self.ended_at < self.started_at:
+            raise ValueError("ended_at is before started_at")
+        bins = [c for fp in self.features.values() for c in (*fp.counts, fp.missing, fp.out_of_range)]
+        bins += self.predictions + [c for h in self.labelled.values() for c in h]
+        if any(c < 0 or 0 < c < self.min_count for c in bins):
+            raise ValueError(f"every count must be 0 or at least min_count ({self.min_count})")
+        return self

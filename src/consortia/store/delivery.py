@@ -13,7 +13,14 @@ from sqlalchemy.exc import IntegrityError
 from consortia.errors import AuthError, ConflictError, NotFoundError
 from consortia.store.entities import Device, utcnow
 from consortia.store.governance import GovernanceStore
-from consortia.store.models import CredentialRow, DeviceRow, EnrollmentTokenRow, RolloutRow, TenantRow
+from consortia.store.models import (
+    CredentialRow,
+    DeviceRow,
+    EnrollmentTokenRow,
+    MonitoringWindowRow,
+    RolloutRow,
+    TenantRow,
+)
 
 __all__ = ["DeliveryStore"]
 
@@ -137,6 +144,50 @@ class DeliveryStore(GovernanceStore):
                     row.name,
                     {"serving": report.get("serving"), "state": report.get("state"), "reason": report.get("reason")},
                 )
+
+    # ------------------------------------------------------------------ monitoring windows
+
+    def add_window(self, device_id: int, window: dict[str, Any]) -> int:
+        """Store one monitoring window from a device (already validated)."""
+        with self._tx() as s:
+            row = s.get(DeviceRow, device_id)
+            if row is None:
+                raise NotFoundError(f"device {device_id} not found.")
+            w = MonitoringWindowRow(
+                device_id=device_id,
+                tenant_id=row.tenant_id,
+                release=window["release"],
+                started_at=datetime.fromisoformat(window["started_at"]),
+                ended_at=datetime.fromisoformat(window["ended_at"]),
+                rows=int(window["rows"]),
+                payload=window,
+                received_at=utcnow(),
+            )
+            s.add(w)
+            s.flush()
+            return int(w.id)
+
+    def list_windows(
+        self, tenant_id: int | None = None, release: str | None = None, after: int = 0, limit: int = 1000
+    ) -> list[dict[str, Any]]:
+        """Windows (oldest first) with their device and tenant, optionally one tenant's or release's."""
+        with self._tx() as s:
+            q = (
+                select(MonitoringWindowRow, DeviceRow.name, TenantRow.name)
+                .join(DeviceRow, DeviceRow.id == MonitoringWindowRow.device_id)
+                .join(TenantRow, TenantRow.id == MonitoringWindowRow.tenant_id)
+                .where(MonitoringWindowRow.id > after)
+                .order_by(MonitoringWindowRow.id)
+                .limit(limit)
+            )
+            if tenant_id is not None:
+                q = q.where(MonitoringWindowRow.tenant_id == tenant_id)
+            if release is not None:
+                q = q.where(MonitoringWindowRow.release == release)
+            return [
+                {"id": w.id, "device": d, "tenant": t, "received_at": w.received_at.isoformat(), **w.payload}
+                for w, d, t in s.execute(q)
+            ]
 
     # ------------------------------------------------------------------ rollouts
 

@@ -340,3 +340,19 @@ class RolloutRow(Base):
     actor: Mapped[str] = mapped_column(String(100))
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
+
+
+class MonitoringWindowRow(Base):
+    """One monitoring window a serving agent sent: aggregates of its traffic on the
+    release's agreed bins (small counts already suppressed at the agent)."""
+
+    __tablename__ = "monitoring_windows"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("devices.id"), index=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    release: Mapped[str] = mapped_column(String(200), index=True)
+    started_at: Mapped[datetime]
+    ended_at: Mapped[datetime]
+    rows: Mapped[int] = mapped_column(Integer)
+    payload: Mapped[dict[str, Any]]
+    received_at: Mapped[datetime]

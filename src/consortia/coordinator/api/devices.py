@@ -14,7 +14,13 @@ from consortia.coordinator.api.deps import principal_with
 from consortia.coordinator.services.devices import DeviceService
 from consortia.coordinator.services.rollouts import RolloutService
 from consortia.errors import ValidationError
-from consortia.protocol.delivery import AssignRequest, DeviceEnrolled, DeviceEnrollRequest, DeviceReport
+from consortia.protocol.delivery import (
+    AssignRequest,
+    DeviceEnrolled,
+    DeviceEnrollRequest,
+    DeviceReport,
+    MonitoringWindow,
+)
 from consortia.store.entities import Principal
 
 router = APIRouter(prefix="/v1", tags=["delivery"])
@@ -59,6 +65,20 @@ def instruction(devices: Devices, who: DevicePrincipal) -> dict[str, Any]:
 @router.post("/devices/me/report")
 async def report(body: DeviceReport, devices: Devices, who: DevicePrincipal) -> dict[str, Any]:
     return devices.report(who, body)
+
+
+@router.post("/devices/me/monitoring", status_code=201)
+async def monitoring_window(body: MonitoringWindow, devices: Devices, who: DevicePrincipal) -> dict[str, Any]:
+    """A serving agent's monitoring window (aggregates only, small counts suppressed)."""
+    return devices.add_window(who, body)
+
+
+@router.get("/monitoring/windows")
+def monitoring_windows(
+    devices: Devices, who: Reader, tenant: str | None = None, release: str | None = None, after: int = 0
+) -> list[dict[str, Any]]:
+    """Monitoring windows, oldest first (a tenant's own only, for tenant-scoped readers)."""
+    return devices.windows(who, tenant, release, after)
 
 
 @router.get("/devices")

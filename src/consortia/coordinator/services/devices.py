@@ -13,7 +13,13 @@ from consortia.coordinator.settings import Settings
 from consortia.coordinator.tufrepo import TufRepository
 from consortia.edge.updater import sign_instruction
 from consortia.errors import ConflictError, PermissionDeniedError, ValidationError
-from consortia.protocol.delivery import AssignRequest, DeviceEnrolled, DeviceEnrollRequest, DeviceReport
+from consortia.protocol.delivery import (
+    AssignRequest,
+    DeviceEnrolled,
+    DeviceEnrollRequest,
+    DeviceReport,
+    MonitoringWindow,
+)
 from consortia.store.entities import Device, ModelVersion, Principal, utcnow
 from consortia.store.sqlstore import SqlStore
 
@@ -116,6 +122,45 @@ class DeviceService:
         d = self._me(principal)
         self.store.report_device(d.id, report.model_dump(mode="json"))
         return {"status": "recorded", "counter": d.counter}
+
+    def add_window(self, principal: Principal, window: MonitoringWindow) -> dict[str, Any]:
+        """Record a monitoring window; it must be about a release this device was told to run."""
+        d = self._me(principal)
+        told = {
+            f"{r['model']}:{r['version']}"
+            for r in (_current(d), ((d.instruction or {}).get("instruction") or {}).get("preview"))
+            if r
+        }
+        served = (d.report or {}).get("serving")
+        if window.release not in told and window.release != served:
+            raise ValidationError(
+                f"window is about {window.release}, which this device was not told to run ({sorted(told)})."
+            )
+        model, _, version = window.release.rpartition(":")
+        plan = self.store.get_version(model, int(version)).lineage.get("preprocessing") or {}
+        for name, fp in window.features.items():
+            if name in plan.get("numeric", {}):
+                want = len(plan.get("cuts", {}).get(name, [])) + 1
+            elif name in plan.get("categorical", {}):
+                want = len(plan["categorical"][name]) + 1
+            else:
+                raise ValidationError(f"window has feature {name!r}, which {window.release} does not use.")
+            if len(fp.counts) != want:
+                raise ValidationError(f"window bins of {name!r}: {len(fp.counts)}, the release's agreed bins: {want}.")
+        if len(window.predictions) != 10:
+            raise ValidationError("window predictions must be a 10-bin histogram.")
+        wid = self.store.add_window(d.id, window.model_dump(mode="json"))
+        return {"status": "recorded", "id": wid}
+
+    def windows(
+        self, principal: Principal, tenant: str | None, release: str | None, after: int
+    ) -> list[dict[str, Any]]:
+        tenant_id = principal.tenant_id
+        if tenant is not None:
+            t = self.store.get_tenant(tenant)
+            check_tenant(principal, t.id)
+            tenant_id = t.id
+        return self.store.list_windows(tenant_id, release, after)
 
     def list(self, principal: Principal) -> list[dict[str, Any]]:
         return [device_public(d) for d in self.store.list_devices(principal.tenant_id)]

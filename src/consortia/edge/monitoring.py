@@ -1,0 +1,178 @@
+"""Monitoring windows at a serving agent (site or edge), on the release's agreed bins.
+
+A :class:`WindowMonitor` belongs to one activated release. Every scored request adds its
+rows to the current window after the answer has gone out: each feature on the agreed
+bins (``reference.json`` in the release: numeric deciles of the consortium's training
+data, categorical vocabulary plus "other"), missing and out-of-range counts, the
+prediction histogram, latency and errors; delayed labels add the row's score to a
+per-class score histogram (performance: AUC and accuracy, calibration). A window closes
+after ``max_rows`` rows or ``max_seconds``; a closed window is suppressed (every count
+under ``min_count`` zeroed) and queued for the coordinator as a
+:class:`~consortia.protocol.delivery.MonitoringWindow`. Raw values and identifiers never
+enter a window.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import numpy as np
+
+from consortia.core.profile import categorical_histogram, numeric_histogram, suppress
+
+__all__ = ["PRED_BINS", "WindowMonitor", "load_bins"]
+
+PRED_BINS = 10
+MISSING = "<missing>"  # as consortia.edge.runtime.MISSING (kept import-light)
+
+
+def load_bins(release: Any) -> dict[str, dict[str, Any]]:
+    """The agreed bins from a release's ``reference.json`` ({} if it has none)."""
+    for part in release.manifest["parts"]:
+        if part["role"] == "reference":
+            return json.loads((release.path / part["path"]).read_text())["bins"]  # type: ignore[no-any-return]
+    return {}
+
+
+def _hist(probs: np.ndarray) -> np.ndarray:
+    idx = np.minimum((np.asarray(probs, dtype=np.float64) * PRED_BINS).astype(int), PRED_BINS - 1)
+    return np.bincount(np.clip(idx, 0, PRED_BINS - 1), minlength=PRED_BINS)
+
+
+@dataclass
+class _Feature:
+    counts: np.ndarray
+    missing: int = 0
+    out_of_range: int = 0
+
+
+@dataclass
+class WindowMonitor:
+    """One release's current window and the closed windows waiting to be sent."""
+
+    release: str
+    bins: dict[str, dict[str, Any]]
+    min_count: int = 10
+    max_rows: int = 1000
+    max_seconds: float = 60.0
+    closed: list[dict[str, Any]] = field(default_factory=list)
+    max_closed: int = 1000  # offline: keep the newest windows, drop the oldest
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        self._open(datetime.now(UTC))
+
+    def _open(self, now: datetime) -> None:
+        self.started = now
+        self.rows = self.requests = self.errors = 0
+        self.features = {
+            name: _Feature(np.zeros(len(b["cuts"]) + 1 if b["kind"] == "numeric" else len(b["vocabulary"]) + 1, int))
+            for name, b in self.bins.items()
+        }
+        self.predictions = np.zeros(PRED_BINS, int)
+        self.labelled = {"negative": np.zeros(PRED_BINS, int), "positive": np.zeros(PRED_BINS, int)}
+        self.latencies: list[float] = []
+
+    # ------------------------------------------------------------------ recording
+
+    def observe(self, feeds: dict[str, np.ndarray], probs: np.ndarray, seconds: float) -> None:
+        """Add one scored request (``feeds`` as the release's typed inputs)."""
+        with self._lock:
+            for name, b in self.bins.items():
+                values = feeds.get(name)
+                if values is None:
+                    continue
+                f = self.features[name]
+                if b["kind"] == "numeric":
+                    bounds = tuple(b["bounds"]) if b.get("bounds") else None
+                    counts, missing, oor = numeric_histogram(values.ravel(), b["cuts"], bounds)  # type: ignore[arg-type]
+                else:
+                    counts, missing = categorical_histogram(values.ravel().tolist(), b["vocabulary"], MISSING)
+                    oor = counts[-1]
+                f.counts += counts
+                f.missing += missing
+                f.out_of_range += oor
+            self.predictions += _hist(probs)
+            self.rows += len(probs)
+            self.requests += 1
+            self.latencies.append(seconds)
+            self._close_if_due(datetime.now(UTC))
+
+    def error(self) -> None:
+        with self._lock:
+            self.errors += 1
+
+    def label(self, probability: float, positive: bool) -> None:
+        with self._lock:
+            self.labelled["positive" if positive else "negative"] += _hist(np.array([probability]))
+
+    def tick(self) -> None:
+        """Close the window if its time is up (called from the agent's loop)."""
+        with self._lock:
+            self._close_if_due(datetime.now(UTC))
+
+    def flush(self) -> None:
+        """Close the current window now if it holds anything (e.g. before a release swap)."""
+        with self._lock:
+            if self.requests or self.errors or self._any_labels():
+                self._close(datetime.now(UTC))
+
+    def drain(self) -> list[dict[str, Any]]:
+        with self._lock:
+            out, self.closed = self.closed, []
+            return out
+
+    def requeue(self, windows: list[dict[str, Any]]) -> None:
+        """Put back windows that could not be sent (oldest first, bounded)."""
+        with self._lock:
+            self.closed = (windows + self.closed)[-self.max_closed :]
+
+    # ------------------------------------------------------------------ closing
+
+    def _any_labels(self) -> bool:
+        return bool(self.labelled["negative"].sum() or self.labelled["positive"].sum())
+
+    def _close_if_due(self, now: datetime) -> None:
+        age = (now - self.started).total_seconds()
+        if self.rows >= self.max_rows or (age >= self.max_seconds and (self.requests or self.errors)):
+            self._close(now)
+
+    def _close(self, now: datetime) -> None:
+        m = self.min_count
+        features = {}
+        for name, f in self.features.items():
+            counts, dropped = suppress(f.counts.tolist(), m)
+            (missing,), d_missing = suppress([f.missing], m)
+            (oor,), _ = suppress([f.out_of_range], m)
+            features[name] = {
+                "counts": counts,
+                "missing": missing,
+                "out_of_range": oor,
+                "suppressed": dropped + d_missing,
+            }
+        lat = np.asarray(self.latencies) if self.latencies else None
+        window = {
+            "release": self.release,
+            "started_at": self.started.isoformat(),
+            "ended_at": now.isoformat(),
+            "rows": self.rows,
+            "requests": self.requests,
+            "errors": self.errors,
+            "features": features,
+            "predictions": suppress(self.predictions.tolist(), m)[0],
+            "latency": {
+                "count": len(self.latencies),
+                **{
+                    k: (float(np.quantile(lat, q)) if lat is not None else None)
+                    for k, q in (("p50", 0.5), ("p95", 0.95), ("p99", 0.99))
+                },
+            },
+            "labelled": {k: suppress(v.tolist(), m)[0] for k, v in self.labelled.items()} if self._any_labels() else {},
+            "min_count": m,
+        }
+        self.closed = (self.closed + [window])[-self.max_closed :]
+        self._open(now)

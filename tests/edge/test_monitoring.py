@@ -1,0 +1,56 @@
+"""Monitoring windows at a serving agent: counts on the agreed bins, closing by rows or
+time, suppression of small counts, delayed labels per class, and an offline queue."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+
+from consortia.edge.monitoring import WindowMonitor
+from consortia.protocol.delivery import MonitoringWindow
+
+BINS = {
+    "x": {"kind": "numeric", "cuts": [0.0, 1.0], "bounds": [-2.0, 3.0]},
+    "c": {"kind": "categorical", "vocabulary": ["a", "b"]},
+}
+
+
+def feeds(x, c):
+    return {"x": np.array(x, dtype=np.float64).reshape(-1, 1), "c": np.array(c, dtype=object).reshape(-1, 1)}
+
+
+def test_a_window_counts_on_the_agreed_bins_and_suppresses_small_counts():
+    m = WindowMonitor("m:1", BINS, min_count=3, max_rows=12, max_seconds=3600)
+    m.observe(feeds([-1, 0.5, 0.7, 2, 5, np.nan], ["a", "a", "b", "z", "<missing>", "a"]), np.full(6, 0.15), 0.002)
+    assert m.drain() == []  # 6 rows: still open
+    m.observe(feeds([0.2] * 6, ["a"] * 6), np.full(6, 0.95), 0.004)
+    (w,) = m.drain()
+    MonitoringWindow.model_validate(w)  # what the coordinator accepts
+    assert (w["rows"], w["requests"], w["errors"]) == (12, 2, 0)
+    # x: (-inf,0]: -1 -> 1 (suppressed); (0,1]: 0.5, 0.7, 0.2 x6 -> 8; (1,inf): 2, 5 -> 2 (suppressed); NaN missing
+    assert w["features"]["x"] == {"counts": [0, 8, 0], "missing": 0, "out_of_range": 0, "suppressed": 4}
+    # c: a x9, b x1, other (z) x1, missing x1 -> only a survives
+    assert w["features"]["c"]["counts"] == [9, 0, 0] and w["features"]["c"]["suppressed"] == 3
+    assert w["predictions"][1] == 6 and w["predictions"][9] == 6
+    assert w["latency"]["count"] == 2 and w["latency"]["p99"] == pytest.approx(0.004, rel=0.05)
+    assert w["min_count"] == 3
+
+
+def test_windows_close_by_time_carry_labels_and_wait_when_offline():
+    m = WindowMonitor("m:1", BINS, min_count=1, max_rows=10_000, max_seconds=0.2)
+    m.observe(feeds([0.5], ["a"]), np.array([0.72]), 0.001)
+    m.label(0.72, True)
+    m.label(0.12, False)
+    m.error()
+    m.tick()
+    assert m.drain() == []
+    time.sleep(0.25)
+    m.tick()
+    (w,) = m.drain()
+    assert w["labelled"]["positive"][7] == 1 and w["labelled"]["negative"][1] == 1 and w["errors"] == 1
+    m.requeue([w])  # the coordinator was unreachable: the window waits for the next attempt
+    assert m.drain() == [w]
+    with pytest.raises(ValueError, match="at least min_count"):
+        MonitoringWindow.model_validate({**w, "min_count": 5})
