@@ -38,10 +38,15 @@ def make_bundle(
     directory: Path, recipe: str, options: dict, version: int = 1, params: dict | None = None, model: str | None = None
 ) -> Path:
     """A real release bundle for the finance schema, written without a job (benchmarks)."""
+    import pandas as pd
+
     from consortia.coordinator.services.releases import write_bundle
+    from consortia.core.profile import bins_from_quantiles, merge_sketches, quantile_sketch
     from consortia.datasets.scenarios import load_scenario
-    from consortia.ml.recipes import init_params
-    from consortia.protocol.schemas import PreprocessingPlan
+    from consortia.ml.data import transform
+    from consortia.ml.recipes import init_params, predict
+    from consortia.protocol.schemas import JobSpec, PreprocessingPlan
+    from consortia.site.monitor import build_reference, suppressed
     from consortia.store.entities import ModelVersion
 
     sc = load_scenario("finance")
@@ -49,12 +54,19 @@ def make_bundle(
     spec = {**sc.spec, "recipe": {"name": recipe, "options": options}}
     num = [f["name"] for f in spec["features"] if f["type"] == "numeric"]
     cat = [f["name"] for f in spec["features"] if f["type"] == "categorical"]
+    sketches = {c: quantile_sketch(pd.to_numeric(frame[c], errors="coerce").to_numpy(), 10) for c in num}
     plan = PreprocessingPlan(
         numeric={c: (float(frame[c].mean()), float(frame[c].std() or 1.0)) for c in num},
         categorical={c: sorted(frame[c].dropna().astype(str).unique().tolist()) for c in cat},
         feature_order=num + cat,
+        cuts={c: bins_from_quantiles(merge_sketches([(q, len(frame))])) for c, q in sketches.items() if q},
+        bounds={c: tuple(merge_sketches([(q, len(frame))], (0.01, 0.99))) for c, q in sketches.items() if q},
     )
     params = params if params is not None else init_params(recipe, plan.input_dim, options, 0)
+    job_spec = JobSpec.model_validate(spec)
+    scores = predict(recipe, options, params, transform(frame, plan))
+    y = (frame["Class"] == "bad").to_numpy()
+    reference = build_reference(frame, job_spec, plan, scores, y)  # monitoring windows use its bins
     lineage = {
         "job": {"id": 1, "spec_hash": "0" * 64, "spec": spec},
         "preprocessing": plan.model_dump(mode="json"),
@@ -70,6 +82,7 @@ def make_bundle(
         "strategy": spec["strategy"],
         "software": {"consortia": "bench", "git_revision": None},
         "card": {},
+        "reference": {"sites": ["bench"], "profile": suppressed(reference, 10).model_dump(mode="json")},
     }
     name = model or f"bench-{recipe}"
     v = ModelVersion(version, name, version, version, "0" * 64, lineage, "candidate", None, datetime.now(UTC))

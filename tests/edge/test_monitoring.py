@@ -54,3 +54,20 @@ def test_windows_close_by_time_carry_labels_and_wait_when_offline():
     assert m.drain() == [w]
     with pytest.raises(ValueError, match="at least min_count"):
         MonitoringWindow.model_validate({**w, "min_count": 5})
+
+
+def test_single_row_and_batch_requests_count_alike():
+    rng = np.random.default_rng(0)
+    x = rng.normal(0.5, 1.5, 40)
+    x[::7] = np.nan
+    c = rng.choice(["a", "b", "zz", "<missing>"], 40).tolist()
+    probs = rng.uniform(size=40)
+    one, batch = (WindowMonitor("m:1", BINS, min_count=1, max_rows=10_000, max_seconds=3600) for _ in range(2))
+    for i in range(40):
+        one.observe(feeds([x[i]], [c[i]]), probs[i : i + 1], 0.001)
+    batch.observe(feeds(x, c), probs, 0.001)
+    one.flush()
+    batch.flush()
+    (w1,), (w2,) = one.drain(), batch.drain()
+    assert w1["features"] == w2["features"] and w1["predictions"] == w2["predictions"] and w1["rows"] == 40
+    assert w1["features"]["x"]["missing"] == 6 and w1["features"]["c"]["out_of_range"] == c.count("zz")
