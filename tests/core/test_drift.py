@@ -124,3 +124,20 @@ def test_page_hinkley_direction_and_reset():
         PageHinkley(mode="sideways")
     with pytest.raises(ValueError, match="not finite"):
         Cusum().update(float("nan"))
+
+
+def test_coarsening_keeps_every_group_at_the_minimum_and_maps_every_bin():
+    from consortia.core.profile import coarsen, regroup
+
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        counts = rng.poisson(rng.uniform(0, 8), size=int(rng.integers(2, 12))).tolist()
+        for ordered in (True, False):
+            sums, groups, dropped = coarsen(counts, 5, ordered=ordered)
+            assert len(groups) == len(counts) and sorted(set(groups)) == list(range(len(sums)))
+            if sum(counts) < 5:  # too few rows in all: suppressed entirely
+                assert sums == [0] and dropped == sum(counts)
+            else:
+                assert all(x >= 5 for x in sums) and regroup(counts, groups) == sums
+            if ordered:
+                assert groups == sorted(groups)  # numeric bins merge with neighbours only

@@ -29,11 +29,12 @@ def test_a_window_counts_on_the_agreed_bins_and_suppresses_small_counts():
     (w,) = m.drain()
     MonitoringWindow.model_validate(w)  # what the coordinator accepts
     assert (w["rows"], w["requests"], w["errors"]) == (12, 2, 0)
-    # x: (-inf,0]: -1 -> 1 (suppressed); (0,1]: 0.5, 0.7, 0.2 x6 -> 8; (1,inf): 2, 5 -> 2 (suppressed); NaN missing
-    assert w["features"]["x"] == {"counts": [0, 8, 0], "missing": 0, "out_of_range": 0, "suppressed": 4}
-    # c: a x9, b x1, other (z) x1, missing x1 -> only a survives
-    assert w["features"]["c"]["counts"] == [9, 0, 0] and w["features"]["c"]["suppressed"] == 3
-    assert w["predictions"][1] == 6 and w["predictions"][9] == 6
+    # x on (-inf,0], (0,1], (1,inf): 1, 8, 2 -> under 3 rows a bin merges with its neighbours
+    # (zeroing would fake a drift); the NaN is a missing count under 3: zeroed
+    assert w["features"]["x"] == {"counts": [11], "groups": [0, 0, 0], "missing": 0, "out_of_range": 0, "suppressed": 1}
+    # c: a x9, b x1, other (z) x1 -> the small ones join the largest group; "<missing>" is missing
+    assert w["features"]["c"]["counts"] == [11] and w["features"]["c"]["groups"] == [0, 0, 0]
+    assert w["predictions"] == [6, 6] and w["prediction_groups"] == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
     assert w["latency"]["count"] == 2 and w["latency"]["p99"] == pytest.approx(0.004, rel=0.05)
     assert w["min_count"] == 3
 

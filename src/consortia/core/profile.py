@@ -22,6 +22,17 @@ Examples
 ([1, 1, 1], 1, 1)
 >>> suppress([12, 3, 0, 40], min_count=5)
 ([12, 0, 0, 40], 3)
+>>> coarsen([12, 3, 0, 40, 2], min_count=5, ordered=True)
+([12, 45], [0, 1, 1, 1, 1], 0)
+>>> regroup([100, 100, 100, 100, 100], [0, 1, 1, 1, 1])
+[100, 400]
+
+Zeroing small bins biases a histogram (a window of 100 rows loses every bin under the
+minimum, and a homogeneity test would read that as drift); :func:`coarsen` instead merges
+small bins (adjacent ones for ordered, numeric bins; all small categories together for
+categorical ones) until every reported count is at least the minimum, and says which
+original bins went into which group, so the reference can be compared on the same
+groups (:func:`regroup`).
 """
 
 from __future__ import annotations
@@ -36,6 +47,8 @@ __all__ = [
     "SKETCH_PROBS",
     "bins_from_quantiles",
     "categorical_histogram",
+    "coarsen",
+    "regroup",
     "merge_sketches",
     "numeric_histogram",
     "quantile_sketch",
@@ -154,3 +167,51 @@ def suppress(counts: Sequence[int], min_count: int) -> tuple[list[int], int]:
         else:
             out.append(int(c))
     return out, dropped
+
+
+def coarsen(counts: Sequence[int], min_count: int, *, ordered: bool) -> tuple[list[int], list[int], int]:
+    """Merge bins until every group holds 0 or at least ``min_count`` rows.
+
+    Returns (group counts, the group of each original bin, rows suppressed). Ordered
+    (numeric) bins merge with their neighbours, left to right, a short tail joining the
+    group before it; unordered (categorical) bins under the minimum are pooled into one
+    group (which joins the largest group if it is itself too small). A feature with fewer
+    than ``min_count`` rows in all is suppressed entirely (one group, count 0)."""
+    c = [int(x) for x in counts]
+    total = sum(c)
+    if total < min_count:
+        return [0], [0] * len(c), total
+    if ordered:
+        groups, sums, run = [], [], 0
+        for x in c:
+            groups.append(len(sums))
+            run += x
+            if run >= min_count:
+                sums.append(run)
+                run = 0
+        last = len(sums) - 1  # a tail under the minimum (or of empty bins) joins the last full group
+        sums[last] += run
+        return sums, [min(g, last) for g in groups], 0
+    big = [i for i, x in enumerate(c) if x >= min_count]
+    small = [i for i, x in enumerate(c) if x < min_count]
+    index = {b: k for k, b in enumerate(big)}
+    sums = [c[b] for b in big]
+    rest = sum(c[i] for i in small)
+    if small and rest >= min_count:
+        sums.append(rest)
+        rest_group = len(sums) - 1
+    else:  # too few to stand alone (or none): they join the largest group
+        rest_group = max(range(len(sums)), key=lambda k: sums[k])
+        sums[rest_group] += rest
+    groups = [index.get(i, rest_group) for i in range(len(c))]
+    return sums, groups, 0
+
+
+def regroup(counts: Sequence[int], groups: Sequence[int]) -> list[int]:
+    """``counts`` (original bins) summed into ``groups`` (as :func:`coarsen` reports)."""
+    if len(counts) != len(groups):
+        raise ValueError(f"{len(counts)} counts but {len(groups)} group indices.")
+    out = [0] * (max(groups) + 1 if groups else 0)
+    for x, g in zip(counts, groups, strict=True):
+        out[g] += int(x)
+    return out

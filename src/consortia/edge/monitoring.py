@@ -6,8 +6,10 @@ bins (``reference.json`` in the release: numeric deciles of the consortium's tra
 data, categorical vocabulary plus "other"), missing and out-of-range counts, the
 prediction histogram, latency and errors; delayed labels add the row's score to a
 per-class score histogram (performance: AUC and accuracy, calibration). A window closes
-after ``max_rows`` rows or ``max_seconds``; a closed window is suppressed (every count
-under ``min_count`` zeroed) and queued for the coordinator as a
+after ``max_rows`` rows or ``max_seconds``; a closed window is coarsened (bins under
+``min_count`` merged with their neighbours, :func:`~consortia.core.profile.coarsen`,
+with the grouping reported so the reference can be compared on the same groups; missing,
+out-of-range and label counts under the minimum zeroed) and queued for the coordinator as a
 :class:`~consortia.protocol.delivery.MonitoringWindow`. Raw values and identifiers never
 enter a window.
 """
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from consortia.core.profile import categorical_histogram, numeric_histogram, suppress
+from consortia.core.profile import categorical_histogram, coarsen, numeric_histogram, suppress
 
 __all__ = ["PRED_BINS", "WindowMonitor", "load_bins"]
 
@@ -186,15 +188,18 @@ class WindowMonitor:
         m = self.min_count
         features = {}
         for name, f in self.features.items():
-            counts, dropped = suppress(f.counts.tolist(), m)
+            ordered = self.bins[name]["kind"] == "numeric"
+            counts, groups, dropped = coarsen(f.counts.tolist(), m, ordered=ordered)
             (missing,), d_missing = suppress([f.missing], m)
             (oor,), _ = suppress([f.out_of_range], m)
             features[name] = {
                 "counts": counts,
+                "groups": groups,
                 "missing": missing,
                 "out_of_range": oor,
                 "suppressed": dropped + d_missing,
             }
+        predictions, prediction_groups, _ = coarsen(self.predictions.tolist(), m, ordered=True)
         lat = np.asarray(self.latencies) if self.latencies else None
         window = {
             "release": self.release,
@@ -204,7 +209,8 @@ class WindowMonitor:
             "requests": self.requests,
             "errors": self.errors,
             "features": features,
-            "predictions": suppress(self.predictions.tolist(), m)[0],
+            "predictions": predictions,
+            "prediction_groups": prediction_groups,
             "latency": {
                 "count": len(self.latencies),
                 **{

@@ -129,7 +129,8 @@ class MonitoringWindow(_Strict):
     requests: int = Field(ge=0)
     errors: int = Field(ge=0)
     features: dict[str, FeatureProfile] = Field(max_length=10_000)
-    predictions: list[int] = Field(max_length=100, description="rows per score bin")
+    predictions: list[int] = Field(max_length=100, description="rows per score bin (or per group of bins)")
+    prediction_groups: list[int] | None = Field(default=None, description="coarsened: group of each score bin")
     latency: LatencySummary
     labelled: dict[Literal["negative", "positive"], list[int]] = Field(
         default_factory=dict, description="scores of rows whose delayed label arrived, per true class"

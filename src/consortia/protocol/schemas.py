@@ -321,6 +321,9 @@ class FeatureProfile(_Strict):
     missing: int = Field(default=0, ge=0)
     out_of_range: int = Field(default=0, ge=0, description="numeric: outside the agreed bounds; categorical: unseen")
     suppressed: int = Field(default=0, ge=0, description="rows in bins zeroed by minimum-count suppression")
+    groups: list[int] | None = Field(
+        default=None, description="coarsened: the group (index into counts) of each agreed bin"
+    )
 
     @field_validator("counts")
     @classmethod
@@ -328,6 +331,19 @@ class FeatureProfile(_Strict):
         if not v or any(c < 0 for c in v):
             raise ValueError("counts must be a non-empty list of counts >= 0")
         return v
+
+    @model_validator(mode="after")
+    def _groups_cover_counts(self) -> FeatureProfile:
+        if self.groups is not None and (
+            any(g < 0 for g in self.groups) or sorted(set(self.groups)) != list(range(len(self.counts)))
+        ):
+            raise ValueError("groups must map every agreed bin to a group, and every group to a count")
+        return self
+
+    @property
+    def bins(self) -> int:
+        """How many agreed bins this profile covers."""
+        return len(self.groups) if self.groups is not None else len(self.counts)
 
 
 class ReferenceProfile(_Strict):

@@ -145,10 +145,14 @@ class DeviceService:
                 want = len(plan["categorical"][name]) + 1
             else:
                 raise ValidationError(f"window has feature {name!r}, which {window.release} does not use.")
-            if len(fp.counts) != want:
-                raise ValidationError(f"window bins of {name!r}: {len(fp.counts)}, the release's agreed bins: {want}.")
-        if len(window.predictions) != 10:
-            raise ValidationError("window predictions must be a 10-bin histogram.")
+            if fp.bins != want:
+                raise ValidationError(f"window bins of {name!r}: {fp.bins}, the release's agreed bins: {want}.")
+        pred_bins = len(window.prediction_groups) if window.prediction_groups is not None else len(window.predictions)
+        if pred_bins != 10 or (
+            window.prediction_groups is not None
+            and sorted(set(window.prediction_groups)) != list(range(len(window.predictions)))
+        ):
+            raise ValidationError("window predictions must cover the 10 score bins (grouped or not).")
         wid = self.store.add_window(d.id, window.model_dump(mode="json"))
         return {"status": "recorded", "id": wid}
 
