@@ -22,6 +22,7 @@ from consortia.cli.common import DEFAULT_URL, CoordinatorOpt, HomeOpt, TokenOpt,
 from consortia.cli.common import client as _client
 from consortia.cli.edge import edge_app, rollout_app
 from consortia.cli.governance import approver_app, audit_app, export_app, policy_app, registry_app
+from consortia.cli.monitoring import incidents_app
 from consortia.errors import ConsortiaError
 
 app = typer.Typer(
@@ -44,6 +45,7 @@ app.add_typer(audit_app, name="audit")
 app.add_typer(export_app, name="export")
 app.add_typer(edge_app, name="edge")
 app.add_typer(rollout_app, name="rollout")
+app.add_typer(incidents_app, name="incidents")
 app.command("predict")(serving.predict)
 app.command("serve")(serving.serve)
 

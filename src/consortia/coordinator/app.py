@@ -20,9 +20,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from consortia import __version__
 from consortia.coordinator.api import devices as devices_api
 from consortia.coordinator.api import jobs, registry, tasks, tenants
+from consortia.coordinator.api import monitoring as monitoring_api
 from consortia.coordinator.keys import CoordinatorKeys
 from consortia.coordinator.services.devices import DeviceService
 from consortia.coordinator.services.governance import GovernanceService
+from consortia.coordinator.services.monitoring import MonitoringService
 from consortia.coordinator.services.rollouts import RolloutService
 from consortia.coordinator.services.rounds import RoundService
 from consortia.coordinator.services.tenants import TenantService
@@ -66,6 +68,8 @@ def create_app(settings: Settings) -> FastAPI:
     rounds.on_registered = governance.ensure_release
     device_service = DeviceService(store, keys, tuf, settings)
     device_service.publish = lambda model, version: governance.sync_tuf({(model, version)})
+    monitoring = MonitoringService(store)
+    device_service.monitor = monitoring.on_window
     rollout_service = RolloutService(store, device_service, governance)
     token = tenant_service.ensure_admin()
     if token is not None:
@@ -127,6 +131,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.tuf = tuf
     app.state.devices = device_service
     app.state.rollouts = rollout_service
+    app.state.monitoring = monitoring
 
     @app.exception_handler(ConsortiaError)
     async def _consortia_error(request: Request, exc: ConsortiaError) -> JSONResponse:
@@ -172,4 +177,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(jobs.router)
     app.include_router(registry.router)
     app.include_router(devices_api.router)
+    app.include_router(monitoring_api.router)
     return app

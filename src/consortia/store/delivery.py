@@ -17,6 +17,7 @@ from consortia.store.models import (
     CredentialRow,
     DeviceRow,
     EnrollmentTokenRow,
+    IncidentRow,
     MonitoringWindowRow,
     RolloutRow,
     TenantRow,
@@ -189,6 +190,121 @@ class DeliveryStore(GovernanceStore):
                 for w, d, t in s.execute(q)
             ]
 
+    def set_window_findings(self, window_id: int, findings: list[dict[str, Any]]) -> None:
+        with self._tx() as s:
+            row = s.get(MonitoringWindowRow, window_id)
+            if row is None:
+                raise NotFoundError(f"monitoring window {window_id} not found.")
+            row.payload = {**row.payload, "findings": findings}
+
+    def recent_windows(self, tenant_id: int, release: str, limit: int) -> list[dict[str, Any]]:
+        """The tenant's newest ``limit`` windows of ``release``, newest first."""
+        with self._tx() as s:
+            q = (
+                select(MonitoringWindowRow)
+                .where(MonitoringWindowRow.tenant_id == tenant_id, MonitoringWindowRow.release == release)
+                .order_by(MonitoringWindowRow.id.desc())
+                .limit(limit)
+            )
+            return [{"id": w.id, "device_id": w.device_id, "rows": w.rows, **w.payload} for w in s.scalars(q)]
+
+    def release_rows(self, release: str, since: datetime) -> dict[int, int]:
+        """Rows served per tenant in windows of ``release`` ending after ``since``."""
+        with self._tx() as s:
+            q = select(MonitoringWindowRow.tenant_id, MonitoringWindowRow.rows).where(
+                MonitoringWindowRow.release == release, MonitoringWindowRow.ended_at >= since
+            )
+            out: dict[int, int] = {}
+            for tenant_id, rows in s.execute(q):
+                out[tenant_id] = out.get(tenant_id, 0) + int(rows)
+            return out
+
+    # ------------------------------------------------------------------ incidents
+
+    def upsert_incident(
+        self, tenant_id: int, release: str, findings: list[dict[str, Any]], impact: dict[str, Any], priority: str
+    ) -> tuple[dict[str, Any], bool]:
+        """Open an incident for (tenant, release), or update the open one; returns
+        (incident, opened now). Opening and priority changes are audit entries."""
+        now = utcnow()
+        with self._tx() as s:
+            row = s.scalars(
+                select(IncidentRow).where(
+                    IncidentRow.tenant_id == tenant_id, IncidentRow.release == release, IncidentRow.state == "open"
+                )
+            ).first()
+            tenant = s.get(TenantRow, tenant_id)
+            assert tenant is not None
+            opened = row is None
+            if row is None:
+                row = IncidentRow(
+                    tenant_id=tenant_id,
+                    release=release,
+                    state="open",
+                    priority=priority,
+                    findings={"items": findings},
+                    impact=impact,
+                    opened_at=now,
+                    updated_at=now,
+                    resolved_at=None,
+                )
+                s.add(row)
+                s.flush()
+                top = findings[0] if findings else {}
+                self._audit(
+                    s,
+                    "coordinator",
+                    tenant.name,
+                    "incident.opened",
+                    f"incident:{row.id}",
+                    {"release": release, "priority": priority, "top": {k: top.get(k) for k in ("kind", "target")}},
+                )
+            else:
+                if row.priority != priority:
+                    self._audit(
+                        s,
+                        "coordinator",
+                        tenant.name,
+                        "incident.priority",
+                        f"incident:{row.id}",
+                        {"from": row.priority, "to": priority},
+                    )
+                row.findings, row.impact, row.priority, row.updated_at = {"items": findings}, impact, priority, now
+            s.flush()
+            return _incident(row, tenant.name), opened
+
+    def resolve_incident(self, incident_id: int, actor: str, note: str) -> dict[str, Any]:
+        with self._tx() as s:
+            row = s.get(IncidentRow, incident_id)
+            if row is None:
+                raise NotFoundError(f"incident {incident_id} not found.")
+            tenant = s.get(TenantRow, row.tenant_id)
+            assert tenant is not None
+            if row.state != "open":
+                raise ConflictError(f"incident {incident_id} is already {row.state}.")
+            row.state, row.resolved_at, row.updated_at = "resolved", utcnow(), utcnow()
+            self._audit(s, actor, tenant.name, "incident.resolved", f"incident:{row.id}", {"note": note})
+            s.flush()
+            return _incident(row, tenant.name)
+
+    def list_incidents(self, tenant_id: int | None = None, state: str | None = None) -> list[dict[str, Any]]:
+        with self._tx() as s:
+            q = select(IncidentRow, TenantRow.name).join(TenantRow).order_by(IncidentRow.id)
+            if tenant_id is not None:
+                q = q.where(IncidentRow.tenant_id == tenant_id)
+            if state is not None:
+                q = q.where(IncidentRow.state == state)
+            return [_incident(r, t) for r, t in s.execute(q)]
+
+    def get_incident(self, incident_id: int) -> dict[str, Any]:
+        with self._tx() as s:
+            row = s.get(IncidentRow, incident_id)
+            if row is None:
+                raise NotFoundError(f"incident {incident_id} not found; see `consortia incidents list`.")
+            tenant = s.get(TenantRow, row.tenant_id)
+            assert tenant is not None
+            return {**_incident(row, tenant.name), "tenant_id": row.tenant_id}
+
     # ------------------------------------------------------------------ rollouts
 
     def create_rollout(
@@ -274,4 +390,19 @@ def _rollout(r: RolloutRow) -> dict[str, Any]:
         "actor": r.actor,
         "created_at": r.created_at.isoformat(),
         "updated_at": r.updated_at.isoformat(),
+    }
+
+
+def _incident(r: IncidentRow, tenant: str) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "tenant": tenant,
+        "release": r.release,
+        "state": r.state,
+        "priority": r.priority,
+        "findings": r.findings["items"],
+        "impact": r.impact,
+        "opened_at": r.opened_at.isoformat(),
+        "updated_at": r.updated_at.isoformat(),
+        "resolved_at": r.resolved_at.isoformat() if r.resolved_at else None,
     }

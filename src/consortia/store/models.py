@@ -356,3 +356,20 @@ class MonitoringWindowRow(Base):
     rows: Mapped[int] = mapped_column(Integer)
     payload: Mapped[dict[str, Any]]
     received_at: Mapped[datetime]
+
+
+class IncidentRow(Base):
+    """An anomaly that persisted in a tenant's monitoring windows of one release:
+    its findings (strongest first), impact, priority and state."""
+
+    __tablename__ = "incidents"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id"), index=True)
+    release: Mapped[str] = mapped_column(String(200), index=True)
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    priority: Mapped[str] = mapped_column(String(4))
+    findings: Mapped[dict[str, Any]]
+    impact: Mapped[dict[str, Any]]
+    opened_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+    resolved_at: Mapped[datetime | None]

@@ -69,6 +69,8 @@ class DeviceService:
         # publishes a (possibly retired) release in the TUF repository before devices are
         # told to fetch it; the app wires GovernanceService.sync_tuf here
         self.publish: Callable[[str, int], None] | None = None
+        # checks a stored monitoring window (findings, incidents); the app wires MonitoringService.on_window
+        self.monitor: Callable[[Device, int, MonitoringWindow], Any] | None = None
 
     def enrollment_token(self, principal: Principal, tenant: str) -> dict[str, Any]:
         t = self.store.get_tenant(tenant)
@@ -154,7 +156,8 @@ class DeviceService:
         ):
             raise ValidationError("window predictions must cover the 10 score bins (grouped or not).")
         wid = self.store.add_window(d.id, window.model_dump(mode="json"))
-        return {"status": "recorded", "id": wid}
+        findings = self.monitor(d, wid, window) if self.monitor is not None else []
+        return {"status": "recorded", "id": wid, "findings": len(findings)}
 
     def windows(
         self, principal: Principal, tenant: str | None, release: str | None, after: int

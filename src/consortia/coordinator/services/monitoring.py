@@ -1,0 +1,141 @@
+"""Monitoring at the coordinator: findings per window, incidents when they persist.
+
+Every window a serving agent sends is checked against the global reference profile of
+its release (``lineage.reference``, the sites' suppressed training histograms summed) by
+:func:`consortia.core.detect.check_window` (chi-square and two-proportion tests, BH over
+the window's tests, minimum effects). A finding opens an incident only if the same
+``(kind, target)`` is found in at least :data:`PERSIST` of the tenant's last
+:data:`LOOKBACK` windows of that release: one noisy window is not an incident. One
+incident stays open per (tenant, release) and is updated as windows arrive.
+
+Impact: the tenant, whether it is regulated, the devices whose windows showed it, and
+the share of the release's traffic (rows in the last hour, consortium-wide) those
+windows carried. Priority: ``P1`` a regulated tenant whose model output moved
+(``prediction_shift``) or any finding with PSI >= 0.25 at a regulated tenant; ``P2`` any
+other incident at a regulated tenant or one carrying >= 25% of the release's traffic;
+``P3`` the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+from datetime import timedelta
+from typing import Any
+
+from consortia.core.detect import check_window
+from consortia.errors import PermissionDeniedError
+from consortia.protocol.delivery import MonitoringWindow
+from consortia.store.entities import Device, Principal, utcnow
+from consortia.store.sqlstore import SqlStore
+
+__all__ = ["LOOKBACK", "PERSIST", "MonitoringService"]
+
+log = logging.getLogger("consortia.coordinator.monitoring")
+
+PERSIST = 2
+LOOKBACK = 3
+
+
+class MonitoringService:
+    def __init__(self, store: SqlStore) -> None:
+        self.store = store
+
+    def on_window(self, device: Device, window_id: int, window: MonitoringWindow) -> list[dict[str, Any]]:
+        """Check one stored window; open or update the tenant's incident if findings persist."""
+        model, _, version = window.release.rpartition(":")
+        lineage = self.store.get_version(model, int(version)).lineage
+        reference = (lineage.get("reference") or {}).get("profile")
+        if reference is None:
+            return []  # a release without a reference profile: nothing to compare with
+        findings = [f.as_dict() for f in check_window(window.model_dump(mode="json"), reference)]
+        self.store.set_window_findings(window_id, findings)
+        recent = self.store.recent_windows(device.tenant_id, window.release, LOOKBACK)
+        persistent = _persistent(recent)
+        if persistent:
+            impact, priority = self._impact(device, window.release, recent, persistent)
+            incident, opened = self.store.upsert_incident(
+                device.tenant_id, window.release, persistent, impact, priority
+            )
+            if opened:
+                top = persistent[0]
+                log.warning(
+                    "incident %s (%s) opened at %s on %s: %s of %s",
+                    incident["id"],
+                    priority,
+                    device.tenant,
+                    window.release,
+                    top["kind"],
+                    top["target"],
+                )
+        return findings
+
+    def _impact(
+        self, device: Device, release: str, recent: list[dict[str, Any]], persistent: list[dict[str, Any]]
+    ) -> tuple[dict[str, Any], str]:
+        tenant = self.store.get_tenant(device.tenant)
+        flagged = [w for w in recent if w.get("findings")]
+        names = {d.id: d.name for d in self.store.list_devices(device.tenant_id)}
+        rows = self.store.release_rows(release, utcnow() - timedelta(hours=1))
+        total = sum(rows.values()) or 1
+        share = sum(int(w["rows"]) for w in flagged) / total
+        impact = {
+            "tenants": [device.tenant],
+            "regulated": tenant.regulated,
+            "devices": sorted({names.get(w["device_id"], str(w["device_id"])) for w in flagged}),
+            "traffic_share": round(min(share, 1.0), 4),
+            "windows": len(flagged),
+        }
+        moved = any(f["kind"] == "prediction_shift" for f in persistent)
+        strong = any(f["kind"] in ("covariate_drift", "prediction_shift") and f["effect"] >= 0.25 for f in persistent)
+        if tenant.regulated and (moved or strong):
+            priority = "P1"
+        elif tenant.regulated or share >= 0.25:
+            priority = "P2"
+        else:
+            priority = "P3"
+        return impact, priority
+
+    # ------------------------------------------------------------------ reads
+
+    def _visible(self, principal: Principal, incident: dict[str, Any]) -> dict[str, Any]:
+        if principal.tenant_id is not None and incident.get("tenant_id") != principal.tenant_id:
+            raise PermissionDeniedError("this incident belongs to another tenant.")
+        return {k: v for k, v in incident.items() if k != "tenant_id"}
+
+    def list(self, principal: Principal, state: str | None) -> list[dict[str, Any]]:
+        return self.store.list_incidents(principal.tenant_id, state)
+
+    def show(self, principal: Principal, incident_id: int) -> dict[str, Any]:
+        stored = self.store.get_incident(incident_id)
+        incident = self._visible(principal, stored)
+        windows = self.store.recent_windows(stored["tenant_id"], incident["release"], 10)
+        incident["recent_windows"] = [
+            {
+                "id": w["id"],
+                "ended_at": w["ended_at"],
+                "rows": w["rows"],
+                "findings": [(f["kind"], f["target"]) for f in w.get("findings", [])],
+            }
+            for w in windows
+        ]
+        return incident
+
+    def resolve(self, principal: Principal, incident_id: int, note: str) -> dict[str, Any]:
+        self._visible(principal, self.store.get_incident(incident_id))
+        return self.store.resolve_incident(incident_id, principal.name, note)
+
+
+def _persistent(recent: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Findings seen in at least PERSIST of the recent windows, merged, strongest first."""
+    merged: dict[tuple[str, str], dict[str, Any]] = {}
+    for w in recent:
+        for f in w.get("findings", []):
+            key = (f["kind"], f["target"])
+            m = merged.setdefault(
+                key, {"kind": f["kind"], "target": f["target"], "windows": 0, "p_value": 1.0, "effect": 0.0}
+            )
+            m["windows"] += 1
+            m["p_value"] = min(m["p_value"], f["p_value"])
+            m["effect"] = max(m["effect"], f["effect"])
+    out = [m for m in merged.values() if m["windows"] >= PERSIST]
+    return sorted(out, key=lambda m: (m["p_value"], -m["effect"]))
