@@ -102,3 +102,28 @@ def test_each_injected_drift_is_the_strongest_finding(world, kind):
         found = check_window(w, ref)
         hits += bool(found) and found[0].target == feature and found[0].kind in expected
     assert hits == 5
+
+
+def test_accuracy_on_delayed_labels_drops_with_concept_drift():
+    # reference: 93% accuracy on the test split at threshold 0.5 (10 score bins per class)
+    ref = {
+        "rows": 1000,
+        "features": {},
+        "scores": {
+            "negative": [300, 200, 100, 50, 50, 30, 20, 0, 0, 0],
+            "positive": [0, 0, 0, 10, 10, 40, 50, 50, 50, 40],
+        },
+    }
+
+    def window(labelled, correct):
+        return {
+            "rows": labelled,
+            "features": {},
+            "predictions": [],
+            "label_counts": {"labelled": labelled, "correct": correct},
+        }
+
+    assert check_window(window(300, 276), ref) == []  # 92%: noise
+    (f,) = check_window(window(300, 195), ref)  # 65%: the world changed under the model
+    assert (f.kind, f.target) == ("performance_drop", "accuracy") and f.effect == pytest.approx(0.28, abs=0.01)
+    assert check_window(window(20, 17), ref) == []  # 85% of 20 labels: not enough evidence at q = 0.01

@@ -42,8 +42,8 @@ def test_a_window_counts_on_the_agreed_bins_and_suppresses_small_counts():
 def test_windows_close_by_time_carry_labels_and_wait_when_offline():
     m = WindowMonitor("m:1", BINS, min_count=1, max_rows=10_000, max_seconds=0.2)
     m.observe(feeds([0.5], ["a"]), np.array([0.72]), 0.001)
-    m.label(0.72, True)
-    m.label(0.12, False)
+    m.label(0.72, True, True)
+    m.label(0.12, False, True)
     m.error()
     m.tick()
     assert m.drain() == []
@@ -51,6 +51,7 @@ def test_windows_close_by_time_carry_labels_and_wait_when_offline():
     m.tick()
     (w,) = m.drain()
     assert w["labelled"]["positive"][7] == 1 and w["labelled"]["negative"][1] == 1 and w["errors"] == 1
+    assert w["label_counts"] == {"labelled": 2, "correct": 2}
     m.requeue([w])  # the coordinator was unreachable: the window waits for the next attempt
     assert m.drain() == [w]
     with pytest.raises(ValueError, match="at least min_count"):

@@ -10,7 +10,9 @@ bins, see :mod:`consortia.core.profile`):
   rise in rate;
 
 and for the model's output, ``prediction_shift``: the window's prediction histogram
-against the reference's test scores (both classes). All p-values of the window go through
+against the reference's test scores (both classes); and when delayed labels arrived,
+``performance_drop``: accuracy of the window's labelled decisions against the
+reference's test accuracy at the release's threshold (two-proportion test). All p-values of the window go through
 Benjamini-Hochberg at ``q``; a finding must also clear a minimum effect, so a very large
 window does not flag a shift too small to matter. What this returns are *findings*; an
 incident needs them to persist (see the coordinator's monitoring service).
@@ -37,7 +39,13 @@ from consortia.core.profile import regroup
 
 __all__ = ["MIN_EFFECT", "Finding", "check_window"]
 
-MIN_EFFECT = {"covariate_drift": 0.1, "prediction_shift": 0.1, "missing_spike": 0.02, "out_of_range": 0.02}
+MIN_EFFECT = {
+    "covariate_drift": 0.1,
+    "prediction_shift": 0.1,
+    "missing_spike": 0.02,
+    "out_of_range": 0.02,
+    "performance_drop": 0.05,
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +73,7 @@ def check_window(
     *,
     q: float = 0.01,
     min_effect: Mapping[str, float] = MIN_EFFECT,
+    threshold: float = 0.5,
 ) -> list[Finding]:
     """Findings of ``window`` against ``reference`` (both as JSON dicts), strongest
     evidence first."""
@@ -100,6 +109,17 @@ def check_window(
             candidates.append(
                 ("prediction_shift", "predictions", res.p_value, psi(preds, base), {"counts": preds, "reference": base})
             )
+    counts = window.get("label_counts") or {}
+    labelled, correct = int(counts.get("labelled", 0)), int(counts.get("correct", 0))
+    if labelled and scores.get("negative") and scores.get("positive"):
+        neg, pos = scores["negative"], scores["positive"]
+        cut = int(threshold * len(neg))
+        ref_n, ref_correct = sum(neg) + sum(pos), sum(neg[:cut]) + sum(pos[cut:])
+        drop = ref_correct / ref_n - correct / labelled if ref_n else 0.0
+        if drop > 0:
+            res = two_proportion(correct, labelled, ref_correct, ref_n)
+            accuracy = {"accuracy": correct / labelled, "reference_accuracy": ref_correct / ref_n, "labelled": labelled}
+            candidates.append(("performance_drop", "accuracy", res.p_value, drop, accuracy))
     if not candidates:
         return []
     keep = benjamini_hochberg([c[2] for c in candidates], q)

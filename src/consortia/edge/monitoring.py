@@ -88,6 +88,7 @@ class WindowMonitor:
         }
         self.predictions = np.zeros(PRED_BINS, int)
         self.labelled = {"negative": np.zeros(PRED_BINS, int), "positive": np.zeros(PRED_BINS, int)}
+        self.label_counts = [0, 0]  # labelled rows, correct decisions
         self.latencies: list[float] = []
 
     # ------------------------------------------------------------------ recording
@@ -149,9 +150,12 @@ class WindowMonitor:
         with self._lock:
             self.errors += 1
 
-    def label(self, probability: float, positive: bool) -> None:
+    def label(self, probability: float, positive: bool, correct: bool) -> None:
+        """A delayed label for a row this release scored (``correct``: its decision matched)."""
         with self._lock:
             self.labelled["positive" if positive else "negative"] += _hist(np.array([probability]))
+            self.label_counts[0] += 1
+            self.label_counts[1] += int(correct)
 
     def tick(self) -> None:
         """Close the window if its time is up (called from the agent's loop)."""
@@ -219,6 +223,10 @@ class WindowMonitor:
                 },
             },
             "labelled": {k: suppress(v.tolist(), m)[0] for k, v in self.labelled.items()} if self._any_labels() else {},
+            "label_counts": {
+                "labelled": suppress([self.label_counts[0]], m)[0][0],
+                "correct": suppress([self.label_counts[1]], m)[0][0],
+            },
             "min_count": m,
         }
         self.closed = (self.closed + [window])[-self.max_closed :]

@@ -325,7 +325,7 @@ def create_serving_app(
                 state.labelled += 1
                 state.correct += int(hit[1] == label)
                 if state.monitor is not None and state.monitor.release == hit[0]:
-                    state.monitor.label(hit[2], label)
+                    state.monitor.label(hit[2], label, hit[1] == label)
         return {
             "matched": matched,
             "stale": stale,

@@ -135,6 +135,9 @@ class MonitoringWindow(_Strict):
     labelled: dict[Literal["negative", "positive"], list[int]] = Field(
         default_factory=dict, description="scores of rows whose delayed label arrived, per true class"
     )
+    label_counts: dict[Literal["labelled", "correct"], int] = Field(
+        default_factory=dict, description="rows whose delayed label arrived, and how many decisions were right"
+    )
     min_count: int = Field(ge=1, description="the suppression applied")
 
     @model_validator(mode="after")
@@ -142,7 +145,7 @@ class MonitoringWindow(_Strict):
         if self.ended_at < self.started_at:
             raise ValueError("ended_at is before started_at")
         bins = [c for fp in self.features.values() for c in (*fp.counts, fp.missing, fp.out_of_range)]
-        bins += self.predictions + [c for h in self.labelled.values() for c in h]
+        bins += self.predictions + [c for h in self.labelled.values() for c in h] + list(self.label_counts.values())
         if any(c < 0 or 0 < c < self.min_count for c in bins):
             raise ValueError(f"every count must be 0 or at least min_count ({self.min_count})")
         return self
