@@ -206,3 +206,59 @@ def test_delayed_labels_join_the_decisions_they_judge(bundles):
         app.state.serving.activate(load_release(b[2]))
         stale = http.post("/v1/labels", json={"labels": [{"id": "late", "label": 1}]}, headers=h).json()
         assert stale["stale"] == 1 and stale["accuracy"] is None
+
+
+def test_site_labels_command_posts_outcomes_to_a_serving_endpoint(bundles, tmp_path):
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    import httpx
+    import uvicorn
+
+    from consortia.cli.demo import free_port
+
+    _, b = bundles
+    app = create_serving_app(b[1], token="lbl-token")
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(100):
+        try:
+            httpx.get(f"{url}/healthz")
+            break
+        except httpx.TransportError:
+            time.sleep(0.05)
+    try:
+        rows = synthetic_frame(30, 9)[["x1", "x2", "cat"]].to_dict("records")
+        ids = [f"r{i}" for i in range(30)]
+        out = httpx.post(
+            f"{url}/v1/predict", json={"rows": rows, "ids": ids}, headers={"Authorization": "Bearer lbl-token"}
+        )
+        decisions = [p["decision"] for p in out.json()["predictions"]]
+        labels = tmp_path / "outcomes.csv"
+        outcome = ["default" if d else "repaid" for d in decisions[:24]] + [
+            "repaid" if d else "default" for d in decisions[24:]
+        ]
+        pd.DataFrame({"loan_id": ids, "outcome": outcome}).to_csv(labels, index=False)
+
+        def cli(*extra):
+            return subprocess.run(
+                [sys.executable, "-m", "consortia.cli.main", "site", "labels", str(labels), "--url", url, *extra],
+                capture_output=True,
+                text=True,
+                env={"CONSORTIA_SERVING_TOKEN": "lbl-token", "PATH": "/usr/bin:/bin", "COLUMNS": "200"},
+            )
+
+        bad = cli("--id-column", "loan_id", "--label-column", "outcome")
+        assert bad.returncode != 0 and "pass --positive VALUE" in bad.stderr
+        ok = cli("--id-column", "loan_id", "--label-column", "outcome", "--positive", "default")
+        assert ok.returncode == 0, ok.stderr
+        assert (
+            "30 joined with this release's decisions" in ok.stdout
+            and "accuracy of the serving release so far: 0.8000" in ok.stdout
+        )
+    finally:
+        server.should_exit = True

@@ -218,6 +218,73 @@ def site_approve_release(
     console.print(f"{ref} approved locally for this site; its serving agent installs it on its next poll.")
 
 
+@site_app.command("labels")
+def site_labels(
+    file: Annotated[Path, typer.Argument(help="CSV or Parquet with a record id and the outcome per row")],
+    home: Annotated[Path | None, typer.Option(help="the site's home (its serving token is read from it)")] = None,
+    url: Annotated[str, typer.Option(help="the serving endpoint (site run --serve-port, or an edge agent)")] = (
+        "http://127.0.0.1:8810"
+    ),
+    token: Annotated[str | None, typer.Option(envvar="CONSORTIA_SERVING_TOKEN", help="serving token")] = None,
+    id_column: Annotated[str, typer.Option(help="column with the record ids sent with the predictions")] = "id",
+    label_column: Annotated[str, typer.Option(help="column with the outcome")] = "label",
+    positive: Annotated[
+        str | None, typer.Option(help="the outcome value that means positive (default: the column is 0/1)")
+    ] = None,
+) -> None:
+    """Post delayed labels to a serving endpoint: it joins them with the decisions it made
+    for those record ids (monitoring: accuracy per window; rollouts: accuracy in analysis).
+    Only counts leave the site."""
+    import httpx
+
+    from consortia.ml.data import load_table
+
+    frame = load_table(file)
+    missing = [c for c in (id_column, label_column) if c not in frame.columns]
+    if missing:
+        raise ConsortiaError(f"{file} lacks column(s) {missing}; name them with --id-column / --label-column.")
+    if token is None:
+        if home is None:
+            raise ConsortiaError("give --token (or CONSORTIA_SERVING_TOKEN) or the site's --home.")
+        token = (home / "serving" / "serving.token").read_text().strip()
+    values = frame[label_column]
+    if positive is not None:
+        labels = (values.astype(str) == positive).astype(int).tolist()
+    else:
+        bad = sorted({str(v) for v in values.dropna().unique()} - {"0", "1", "0.0", "1.0", "True", "False"})
+        if bad or values.isna().any():
+            raise ConsortiaError(
+                f"column {label_column!r} holds {bad[:5] or 'missing values'}; pass --positive VALUE to map outcomes."
+            )
+        labels = values.astype(float).astype(int).tolist()
+    ids = frame[id_column].astype(str).tolist()
+    totals = {"matched": 0, "stale": 0, "unknown": 0}
+    accuracy = None
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as c:
+        for start in range(0, len(ids), 5000):
+            body = {
+                "labels": [
+                    {"id": i, "label": y}
+                    for i, y in zip(ids[start : start + 5000], labels[start : start + 5000], strict=True)
+                ]
+            }
+            try:
+                resp = c.post("/v1/labels", json=body)
+            except httpx.TransportError as exc:
+                raise ConsortiaError(f"cannot reach the serving endpoint at {url}: {exc}") from exc
+            if resp.status_code != 200:
+                raise ConsortiaError(f"{url} refused the labels ({resp.status_code}): {resp.text[:300]}")
+            out = resp.json()
+            for k in totals:
+                totals[k] += int(out[k])
+            accuracy = out.get("accuracy")
+    console.print(
+        f"{len(ids)} labels: {totals['matched']} joined with this release's decisions, {totals['stale']} for an "
+        f"earlier release, {totals['unknown']} unknown ids; accuracy of the serving release so far: "
+        + (f"{accuracy:.4f}" if accuracy is not None else "n/a")
+    )
+
+
 # ---------------------------------------------------------------------------- jobs
 
 
