@@ -157,6 +157,9 @@ def site_run(
         int | None, typer.Option(help="also serve deployed releases on this port (POST /v1/predict)")
     ] = None,
     serve_host: Annotated[str, typer.Option(help="bind address for serving (inside the institution)")] = "127.0.0.1",
+    metrics_port: Annotated[
+        int | None, typer.Option(help="expose the agent's Prometheus /metrics on this port (on --serve-host)")
+    ] = None,
 ) -> None:
     """Enroll (first run), then long-poll for tasks and run them on local data; with
     --serve-port, also serve the releases deployed to this site."""
@@ -174,6 +177,10 @@ def site_run(
     agent = SiteAgent(coordinator, credential, data, home, site_name, poll_seconds=poll_seconds, policy=site_policy)
     if serve_port is not None:
         _serve_site(coordinator, home, agent, serve_host, serve_port, site_policy)
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        start_http_server(metrics_port, addr=serve_host, registry=agent.metrics)
     try:
         agent.run()
     except KeyboardInterrupt:

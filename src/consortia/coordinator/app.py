@@ -22,6 +22,7 @@ from consortia.coordinator.api import devices as devices_api
 from consortia.coordinator.api import jobs, registry, tasks, tenants
 from consortia.coordinator.api import monitoring as monitoring_api
 from consortia.coordinator.keys import CoordinatorKeys
+from consortia.coordinator.metrics import StateCollector
 from consortia.coordinator.services.devices import DeviceService
 from consortia.coordinator.services.governance import GovernanceService
 from consortia.coordinator.services.monitoring import MonitoringService
@@ -77,6 +78,7 @@ def create_app(settings: Settings) -> FastAPI:
         log.warning("admin credential written to %s (mode 0600)", settings.admin_credential_path)
 
     metrics_registry = CollectorRegistry()
+    metrics_registry.register(StateCollector(store))
     requests_total = Counter(
         "consortia_http_requests", "HTTP requests", ["method", "route", "status"], registry=metrics_registry
     )

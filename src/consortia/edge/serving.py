@@ -364,6 +364,7 @@ def create_serving_app(
 
     @app.get("/metrics")
     def metrics() -> Response:
+        rel = state.release
         lines = [
             "# TYPE consortia_serving_predictions_total counter",
             f"consortia_serving_predictions_total {state.predictions}",
@@ -379,6 +380,20 @@ def create_serving_app(
             if v is not None:
                 lines.append(f'consortia_serving_latency_seconds{{quantile="{q}"}} {v}')
         lines.append(f"consortia_serving_latency_seconds_count {state.latency.total}")
+        pending = len(state.outbox) + (len(state.monitor.closed) if state.monitor else 0)
+        lines += [
+            "# TYPE consortia_serving_labelled_total counter",
+            f"consortia_serving_labelled_total {state.labelled}",
+            "# TYPE consortia_serving_correct_total counter",
+            f"consortia_serving_correct_total {state.correct}",
+            "# TYPE consortia_serving_windows_pending gauge",
+            f"consortia_serving_windows_pending {pending}",
+            "# TYPE consortia_serving_release_info gauge",
+        ]
+        if rel is not None:
+            lines.append(f'consortia_serving_release_info{{release="{rel.ref}"}} 1')
+        if state.preview is not None:
+            lines.append(f'consortia_serving_preview_info{{release="{state.preview.ref}"}} 1')
         return Response("\n".join(lines) + "\n", media_type="text/plain; version=0.0.4")
 
     return app

@@ -74,6 +74,22 @@ class SiteAgent:
         self.poll_seconds = poll_seconds
         self.max_backoff = max_backoff
         self.stop = threading.Event()
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        self.metrics = CollectorRegistry()
+        self._tasks = Counter(
+            "consortia_site_tasks", "Tasks handled by kind and outcome", ["kind", "outcome"], registry=self.metrics
+        )
+        self._task_seconds = Histogram(
+            "consortia_site_task_duration_seconds",
+            "Time to do a task and answer it",
+            ["kind"],
+            registry=self.metrics,
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+        )
+        self._reconnects = Counter(
+            "consortia_site_reconnects", "Times the coordinator could not be reached", registry=self.metrics
+        )
 
     def _retrying(self, fn, *args):  # type: ignore[no-untyped-def]
         delay = 0.5
@@ -89,12 +105,17 @@ class SiteAgent:
     def handle(self, task: TaskPublic) -> None:
         """Run one task, retrying while the coordinator is unreachable."""
         log.info("task %s: %s round %s (job %s)", task.id, task.kind, task.round, task.job_id)
-        try:
-            self._retrying(dispatch, self.ctx, task)
-        except ConflictError as exc:
-            log.info("task %s no longer wanted: %s", task.id, exc.message)
-        except ConsortiaError as exc:
-            log.error("task %s failed: %s", task.id, exc.message)
+        outcome = "answered"
+        with self._task_seconds.labels(task.kind).time():
+            try:
+                self._retrying(dispatch, self.ctx, task)  # an answer: a result, an update or a refusal
+            except ConflictError as exc:
+                outcome = "not_wanted"
+                log.info("task %s no longer wanted: %s", task.id, exc.message)
+            except ConsortiaError as exc:
+                outcome = "failed"
+                log.error("task %s failed: %s", task.id, exc.message)
+        self._tasks.labels(task.kind, outcome).inc()
 
     def run(self) -> None:
         """Poll and work until :attr:`stop` is set."""
@@ -104,6 +125,7 @@ class SiteAgent:
                 tasks = self.client.poll(self.poll_seconds)
                 delay = 0.5
             except CoordinatorUnavailable as exc:
+                self._reconnects.inc()
                 log.warning("%s; reconnecting in %.1fs", exc.message, delay)
                 self.stop.wait(delay * (0.5 + random.random()))
                 delay = min(delay * 2, self.max_backoff)

@@ -479,3 +479,59 @@ class SqlStore(IdentityStore):
                 .where(TaskRow.site_id == site_id, RoundRow.global_in == digest)
             )
             return bool(s.scalar(q))
+
+    # ------------------------------------------------------------------ platform metrics
+
+    def metrics_snapshot(self, recent_tasks: int = 10_000) -> dict[str, Any]:
+        """Counts for the coordinator's Prometheus ``/metrics`` (no tenant data beyond
+        names and counts): jobs, rounds and tasks by state, updates by status, devices and
+        how many serve something other than what they were told, open incidents by
+        priority, monitoring windows, and the durations of the last ``recent_tasks``
+        completed tasks (delivered -> answered)."""
+        from consortia.store.models import DeviceRow, IncidentRow, MonitoringWindowRow
+
+        def by(s: Session, *cols: Any) -> dict[tuple[Any, ...], int]:
+            q = select(*cols, func.count()).group_by(*cols)
+            return {tuple(r[:-1]): int(r[-1]) for r in s.execute(q)}
+
+        with self._tx() as s:
+            out: dict[str, Any] = {
+                "jobs": by(s, JobRow.state),
+                "rounds": by(s, RoundRow.kind, RoundRow.state),
+                "tasks": {
+                    tuple(r[:-1]): int(r[-1])
+                    for r in s.execute(
+                        select(RoundRow.kind, TaskRow.state, func.count())
+                        .join(RoundRow, TaskRow.round_id == RoundRow.id)
+                        .group_by(RoundRow.kind, TaskRow.state)
+                    )
+                },
+                "updates": by(s, UpdateRow.status),
+                "incidents": by(s, IncidentRow.state, IncidentRow.priority),
+                "windows": int(s.scalar(select(func.count()).select_from(MonitoringWindowRow)) or 0),
+            }
+            q_dev = select(DeviceRow.status, DeviceRow.instruction, DeviceRow.report, DeviceRow.last_seen_at)
+            devices = list(s.execute(q_dev))
+            out["devices"] = {}
+            out_of_sync = 0
+            oldest = 0.0
+            now = utcnow()
+            for status, instruction, report, seen in devices:
+                out["devices"][(status,)] = out["devices"].get((status,), 0) + 1
+                told = ((instruction or {}).get("instruction") or {}).get("release")
+                serving = (report or {}).get("serving")
+                if told and serving != f"{told['model']}:{told['version']}":
+                    out_of_sync += 1
+                if status == "active" and seen is not None:
+                    oldest = max(oldest, (now - seen).total_seconds())
+            out["devices_out_of_sync"] = out_of_sync
+            out["device_report_age_max"] = oldest
+            q = (
+                select(RoundRow.kind, TaskRow.delivered_at, TaskRow.completed_at)
+                .join(RoundRow, TaskRow.round_id == RoundRow.id)
+                .where(TaskRow.completed_at.is_not(None), TaskRow.delivered_at.is_not(None))
+                .order_by(TaskRow.id.desc())
+                .limit(recent_tasks)
+            )
+            out["task_seconds"] = [(k, (c - d).total_seconds()) for k, d, c in s.execute(q)]
+            return out
