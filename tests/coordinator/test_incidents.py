@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from consortia.edge.monitoring import MISSING, WindowMonitor
+from consortia.edge.runtime import load_release
 from support import SPEC, synthetic_frame
 
 
@@ -22,13 +23,23 @@ def _device(coord, tenant: str, name: str) -> httpx.Client:
     return resp.json()["credential"]
 
 
-def _windows(bins, frame, rows=300, n=1):
-    m = WindowMonitor("test-job:1", bins, min_count=10, max_rows=rows, max_seconds=1e9)
+def _windows(release, reference, frame, rows=300, n=1):
+    """Windows as the device's serving agent makes them: the real release scores the rows
+    and re-scores its own sample for attribution."""
+    m = WindowMonitor(
+        release.ref,
+        reference["bins"],
+        min_count=10,
+        max_rows=rows,
+        max_seconds=1e9,
+        scorer=release.predict,
+        reference=reference,
+    )
     for k in range(n):
         part = frame.iloc[k * rows : (k + 1) * rows]
         feeds = {c: part[c].to_numpy(np.float64).reshape(-1, 1) for c in ("x1", "x2")}
         feeds["cat"] = part["cat"].astype("string").fillna(MISSING).to_numpy(object).reshape(-1, 1)
-        m.observe(feeds, np.full(len(part), 0.5), 0.001)
+        m.observe(feeds, release.predict(feeds), 0.001)
     return m.drain()
 
 
@@ -37,8 +48,8 @@ def test_persistent_drift_opens_one_tenant_scoped_incident(coord, tmp_path):
     sites = [coord.site(n, frame=synthetic_frame(500, i + 1), tmp=tmp_path) for i, n in enumerate(("a", "b"))]
     job = coord.wait_job(coord.admin.post_json("/v1/jobs", SPEC)["id"], sites)
     assert job["state"] == "completed", job["reason"]
-    url = "/v1/registry/models/test-job/versions/1/release/files/reference.json"
-    bins = json.loads(coord.admin.request("GET", url).content)["bins"]
+    bundle = coord.http.app.state.governance.releases.paths(coord.http.app.state.store.get_version("test-job", 1))[0]
+    release, reference = load_release(bundle), json.loads((bundle / "reference.json").read_text())
     cred = _device(coord, "hosp-a", "scanner-1")
     coord.admin.post_json("/v1/devices/assign", {"model": "test-job", "version": 1, "tenant": "hosp-a", "selector": {}})
     headers = {"Authorization": f"Bearer {cred}"}
@@ -48,23 +59,28 @@ def test_persistent_drift_opens_one_tenant_scoped_incident(coord, tmp_path):
         assert resp.status_code == 201, resp.text
         return resp.json()
 
-    # the reference distribution, scores aside (the windows carry a constant 0.5 "model")
-    for w in _windows(bins, synthetic_frame(900, 42), n=3):
-        w["predictions"], w["prediction_groups"] = [w["rows"]], [0] * 10  # no output check here
+    for w in _windows(release, reference, synthetic_frame(900, 42), n=3):  # the reference population
         post(w)
     assert coord.admin.get_json("/v1/incidents") == []
 
-    drifted = synthetic_frame(600, 43, shift=2.0)
-    first, second = _windows(bins, drifted, n=2)
-    for w in (first, second):
-        w["predictions"], w["prediction_groups"] = [w["rows"]], [0] * 10
+    first, second = _windows(release, reference, synthetic_frame(600, 43, shift=2.0), n=2)
     assert post(first)["findings"] >= 1
     assert coord.admin.get_json("/v1/incidents") == []  # one window is not an incident
     post(second)
     (incident,) = coord.admin.get_json("/v1/incidents")
-    top = incident["findings"][0]
-    assert (top["kind"], top["target"], top["windows"]) == ("covariate_drift", "x1", 2) and top["effect"] > 0.25
+    kinds = {(f["kind"], f["target"]) for f in incident["findings"]}
+    assert {("covariate_drift", "x1"), ("prediction_shift", "predictions")} <= kinds
     assert incident["tenant"] == "hosp-a" and incident["priority"] == "P1" and incident["state"] == "open"
+    # the ranked cause: x1, with interventional evidence from the device's own re-scoring
+    cause = incident["causes"][0]
+    assert (cause["kind"], cause["target"], cause["method"]) == ("feature_drift", "x1", "interventional")
+    assert cause["effect"] > 0.5 and cause["ci"][0] <= cause["effect"] <= cause["ci"][1]
+    assert all(c["effect"] < cause["effect"] for c in incident["causes"][1:] if c["method"] == "interventional")
+    assert incident["summary"].startswith("At hosp-a (regulated), on test-job:1, the model's predictions shifted")
+    assert (
+        "Top cause: x1 (feature drift)" in incident["summary"]
+        and "Recommended: check the source of x1" in incident["summary"]
+    )
     assert incident["impact"]["devices"] == ["scanner-1"] and incident["impact"]["regulated"] is True
 
     # tenant scoping: hosp-a's operator sees and resolves it, site b's tenant does not see it

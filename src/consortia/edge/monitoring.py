@@ -20,6 +20,7 @@ import bisect
 import json
 import math
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,19 +28,26 @@ from typing import Any
 import numpy as np
 
 from consortia.core.profile import categorical_histogram, coarsen, numeric_histogram, suppress
+from consortia.edge.attribution import attribute
 
-__all__ = ["PRED_BINS", "WindowMonitor", "load_bins"]
+__all__ = ["PRED_BINS", "WindowMonitor", "load_bins", "load_reference"]
 
 PRED_BINS = 10
 MISSING = "<missing>"  # as consortia.edge.runtime.MISSING (kept import-light)
 
 
-def load_bins(release: Any) -> dict[str, dict[str, Any]]:
-    """The agreed bins from a release's ``reference.json`` ({} if it has none)."""
+def load_reference(release: Any) -> dict[str, Any] | None:
+    """A release's ``reference.json`` (agreed bins and reference profile), if it has one."""
     for part in release.manifest["parts"]:
         if part["role"] == "reference":
-            return json.loads((release.path / part["path"]).read_text())["bins"]  # type: ignore[no-any-return]
-    return {}
+            return json.loads((release.path / part["path"]).read_text())  # type: ignore[no-any-return]
+    return None
+
+
+def load_bins(release: Any) -> dict[str, dict[str, Any]]:
+    """The agreed bins from a release's ``reference.json`` ({} if it has none)."""
+    ref = load_reference(release)
+    return ref["bins"] if ref else {}
 
 
 def _hist(probs: np.ndarray) -> np.ndarray:
@@ -65,6 +73,9 @@ class WindowMonitor:
     max_seconds: float = 60.0
     closed: list[dict[str, Any]] = field(default_factory=list)
     max_closed: int = 1000  # offline: keep the newest windows, drop the oldest
+    scorer: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None  # the release, for attribution
+    reference: dict[str, Any] | None = None  # the release's reference.json
+    sample_rows: int = 400  # rows kept (locally, in memory) per window for attribution
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -90,6 +101,8 @@ class WindowMonitor:
         self.labelled = {"negative": np.zeros(PRED_BINS, int), "positive": np.zeros(PRED_BINS, int)}
         self.label_counts = [0, 0]  # labelled rows, correct decisions
         self.latencies: list[float] = []
+        self._sample: dict[str, list[Any]] = {name: [] for name in self.bins}
+        self._sampled = 0
 
     # ------------------------------------------------------------------ recording
 
@@ -97,6 +110,13 @@ class WindowMonitor:
         """Add one scored request (``feeds`` as the release's typed inputs)."""
         n = len(probs)
         with self._lock:
+            if self.scorer is not None and self._sampled < self.sample_rows:
+                take = min(n, self.sample_rows - self._sampled)
+                for name in self.bins:
+                    values = feeds.get(name)
+                    if values is not None:
+                        self._sample[name].extend(values.ravel()[:take].tolist())
+                self._sampled += take
             if n <= 16:  # a serving loop's usual request: plain Python beats numpy's per-call overhead
                 self._observe_small(feeds, n)
             else:
@@ -188,6 +208,23 @@ class WindowMonitor:
         if self.rows >= self.max_rows or (age >= self.max_seconds and (self.requests or self.errors)):
             self._close(now)
 
+    def _attribution(self) -> dict[str, Any] | None:
+        """Interventional recovery per feature of the window's prediction shift (see
+        :mod:`consortia.edge.attribution`), from the rows sampled in this window."""
+        if self.scorer is None or self.reference is None or self._sampled < 5 * self.min_count:
+            return None
+        feeds = {}
+        for name, spec in self.bins.items():
+            values = self._sample.get(name) or []
+            if len(values) != self._sampled:
+                return None
+            kind = np.float64 if spec["kind"] == "numeric" else object
+            feeds[name] = np.asarray(values, dtype=kind).reshape(-1, 1)
+        try:
+            return attribute(self.scorer, feeds, self.reference, seed=self.rows)
+        except Exception:  # attribution is evidence, never a reason to lose the window
+            return None
+
     def _close(self, now: datetime) -> None:
         m = self.min_count
         features = {}
@@ -223,6 +260,7 @@ class WindowMonitor:
                 },
             },
             "labelled": {k: suppress(v.tolist(), m)[0] for k, v in self.labelled.items()} if self._any_labels() else {},
+            "attribution": self._attribution(),
             "label_counts": {
                 "labelled": suppress([self.label_counts[0]], m)[0][0],
                 "correct": suppress([self.label_counts[1]], m)[0][0],

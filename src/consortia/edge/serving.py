@@ -37,7 +37,7 @@ from typing import Any
 from fastapi import BackgroundTasks, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
-from consortia.edge.monitoring import PRED_BINS, WindowMonitor, load_bins
+from consortia.edge.monitoring import PRED_BINS, WindowMonitor, load_reference
 from consortia.edge.runtime import Release, load_release
 from consortia.errors import AuthError, ConsortiaError, PayloadTooLargeError, ValidationError
 
@@ -137,7 +137,14 @@ class ServingState:
             self.monitor = self._new_monitor(self.release)
 
     def _new_monitor(self, release: Release) -> WindowMonitor:
-        return WindowMonitor(release.ref, load_bins(release), **self.monitoring)
+        reference = load_reference(release)
+        return WindowMonitor(
+            release.ref,
+            reference["bins"] if reference else {},
+            scorer=release.predict,
+            reference=reference,
+            **self.monitoring,
+        )
 
     def activate(self, release: Release) -> None:
         self.latency, self.predictions, self.errors = LatencyHistogram(), 0, 0

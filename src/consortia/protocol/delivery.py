@@ -117,6 +117,19 @@ class LatencySummary(_Strict):
     p99: float | None = Field(default=None, ge=0)
 
 
+class FeatureRecovery(_Strict):
+    recovery: float = Field(ge=-100, le=100, description="share of the prediction shift removed by redrawing it")
+    ci: tuple[float, float]
+
+
+class Attribution(_Strict):
+    """Interventional attribution computed at the agent (consortia.edge.attribution)."""
+
+    prediction_psi: float = Field(ge=0)
+    rows: int = Field(ge=1)
+    features: dict[str, FeatureRecovery] = Field(max_length=10_000)
+
+
 class MonitoringWindow(_Strict):
     """What a serving agent sends about a window of its traffic: aggregates on the
     release's agreed bins, every count under ``min_count`` zeroed. Never a row, a value
@@ -134,6 +147,9 @@ class MonitoringWindow(_Strict):
     latency: LatencySummary
     labelled: dict[Literal["negative", "positive"], list[int]] = Field(
         default_factory=dict, description="scores of rows whose delayed label arrived, per true class"
+    )
+    attribution: Attribution | None = Field(
+        default=None, description="per-feature recovery of the window's prediction shift (re-scored at the agent)"
     )
     label_counts: dict[Literal["labelled", "correct"], int] = Field(
         default_factory=dict, description="rows whose delayed label arrived, and how many decisions were right"

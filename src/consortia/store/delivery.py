@@ -222,7 +222,14 @@ class DeliveryStore(GovernanceStore):
     # ------------------------------------------------------------------ incidents
 
     def upsert_incident(
-        self, tenant_id: int, release: str, findings: list[dict[str, Any]], impact: dict[str, Any], priority: str
+        self,
+        tenant_id: int,
+        release: str,
+        findings: list[dict[str, Any]],
+        impact: dict[str, Any],
+        priority: str,
+        causes: list[dict[str, Any]],
+        summary: str,
     ) -> tuple[dict[str, Any], bool]:
         """Open an incident for (tenant, release), or update the open one; returns
         (incident, opened now). Opening and priority changes are audit entries."""
@@ -244,6 +251,8 @@ class DeliveryStore(GovernanceStore):
                     priority=priority,
                     findings={"items": findings},
                     impact=impact,
+                    causes={"items": causes},
+                    summary=summary,
                     opened_at=now,
                     updated_at=now,
                     resolved_at=None,
@@ -270,6 +279,7 @@ class DeliveryStore(GovernanceStore):
                         {"from": row.priority, "to": priority},
                     )
                 row.findings, row.impact, row.priority, row.updated_at = {"items": findings}, impact, priority, now
+                row.causes, row.summary = {"items": causes}, summary
             s.flush()
             return _incident(row, tenant.name), opened
 
@@ -402,6 +412,8 @@ def _incident(r: IncidentRow, tenant: str) -> dict[str, Any]:
         "priority": r.priority,
         "findings": r.findings["items"],
         "impact": r.impact,
+        "causes": r.causes["items"],
+        "summary": r.summary,
         "opened_at": r.opened_at.isoformat(),
         "updated_at": r.updated_at.isoformat(),
         "resolved_at": r.resolved_at.isoformat() if r.resolved_at else None,

@@ -370,6 +370,8 @@ class IncidentRow(Base):
     priority: Mapped[str] = mapped_column(String(4))
     findings: Mapped[dict[str, Any]]
     impact: Mapped[dict[str, Any]]
+    causes: Mapped[dict[str, Any]]
+    summary: Mapped[str] = mapped_column(Text)
     opened_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     resolved_at: Mapped[datetime | None]

@@ -23,6 +23,7 @@ from datetime import timedelta
 from typing import Any
 
 from consortia.core.detect import check_window
+from consortia.core.rca import rank_causes, summarize
 from consortia.errors import PermissionDeniedError
 from consortia.protocol.delivery import MonitoringWindow
 from consortia.store.entities import Device, Principal, utcnow
@@ -53,8 +54,20 @@ class MonitoringService:
         persistent = _persistent(recent)
         if persistent:
             impact, priority = self._impact(device, window.release, recent, persistent)
+            told = ((device.instruction or {}).get("instruction") or {}).get("release")
+            instructed = f"{told['model']}:{told['version']}" if told else None
+            causes = rank_causes(persistent, recent, instructed=instructed)
+            summary = summarize(
+                {
+                    "tenant": device.tenant,
+                    "release": window.release,
+                    "findings": persistent,
+                    "impact": impact,
+                    "causes": causes,
+                }
+            )
             incident, opened = self.store.upsert_incident(
-                device.tenant_id, window.release, persistent, impact, priority
+                device.tenant_id, window.release, persistent, impact, priority, causes, summary
             )
             if opened:
                 top = persistent[0]

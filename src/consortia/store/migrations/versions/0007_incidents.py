@@ -24,6 +24,8 @@ def upgrade() -> None:
         sa.Column("priority", sa.String(length=4), nullable=False),
         sa.Column("findings", sa.JSON(), nullable=False),
         sa.Column("impact", sa.JSON(), nullable=False),
+        sa.Column("causes", sa.JSON(), nullable=False),
+        sa.Column("summary", sa.Text(), nullable=False),
         sa.Column("opened_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
         sa.Column("resolved_at", sa.DateTime(timezone=True), nullable=True),

@@ -1,0 +1,181 @@
+"""Root-cause ranking of an incident and its plain-language summary. Pure.
+
+Candidate causes, each with an effect estimate, its uncertainty and its evidence:
+
+- ``feature_drift`` / ``data_quality`` with **interventional** evidence: the serving
+  agents re-scored their own rows with the feature redrawn from its reference
+  (:mod:`consortia.edge.attribution`); the effect is the share of the prediction shift
+  that disappears (mean over the incident's windows, with the windows' 95% intervals
+  averaged). A feature that only coincides with the shift recovers little.
+- the same kinds with **detection** evidence only (the feature moved, but the model's
+  output did not, or no agent could re-score): effect is the finding's own size (PSI, or
+  the rise of a missing / out-of-range rate), no interval.
+- ``performance`` when delayed labels show accuracy falling with no input explaining it
+  (concept drift: the world changed under the model).
+- ``version_skew`` when the windows come from a release the device was not told to run.
+
+Ranking: interventional causes first, by effect; then the rest by their test's p-value.
+:func:`summarize` turns the structured incident into two to four sentences naming the
+tenant, the symptom, the top cause with its number and the recommended action, each
+claim followed by its evidence reference (window ids).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+__all__ = ["rank_causes", "summarize"]
+
+_QUALITY = ("missing_spike", "out_of_range")
+
+
+def rank_causes(
+    findings: Sequence[dict[str, Any]],
+    windows: Sequence[dict[str, Any]],
+    *,
+    instructed: str | None = None,
+) -> list[dict[str, Any]]:
+    """Ranked causes from an incident's persistent ``findings`` and its recent
+    ``windows`` (each with ``id``, ``release``, optional ``attribution`` and ``findings``)."""
+    causes: list[dict[str, Any]] = []
+    by_target: dict[str, list[dict[str, Any]]] = {}
+    for f in findings:
+        by_target.setdefault(f["target"], []).append(f)
+    attributed = [w for w in windows if w.get("attribution")]
+    explained: set[str] = set()
+    if attributed:
+        names = sorted({n for w in attributed for n in w["attribution"]["features"]})
+        for name in names:
+            rec = [w["attribution"]["features"][name] for w in attributed if name in w["attribution"]["features"]]
+            effect = sum(r["recovery"] for r in rec) / len(rec)
+            lo = sum(r["ci"][0] for r in rec) / len(rec)
+            hi = sum(r["ci"][1] for r in rec) / len(rec)
+            own = by_target.get(name, [])
+            quality = any(f["kind"] in _QUALITY for f in own) and not any(f["kind"] == "covariate_drift" for f in own)
+            causes.append(
+                {
+                    "kind": "data_quality" if quality else "feature_drift",
+                    "target": name,
+                    "effect": round(effect, 4),
+                    "ci": [round(lo, 4), round(hi, 4)],
+                    "unit": "share of the prediction shift removed by redrawing it from its reference",
+                    "method": "interventional",
+                    "evidence": {
+                        "windows": [w["id"] for w in attributed],
+                        "prediction_psi": [w["attribution"]["prediction_psi"] for w in attributed],
+                        "findings": [{k: f[k] for k in ("kind", "p_value", "effect")} for f in own],
+                    },
+                }
+            )
+            explained.add(name)
+    detected = []
+    for f in findings:
+        if f["target"] in explained or f["kind"] == "prediction_shift":
+            continue
+        if f["kind"] == "performance_drop":
+            kind, unit = "performance", "fall in accuracy on delayed labels"
+        elif f["kind"] in _QUALITY:
+            kind, unit = "data_quality", f"rise in the {f['kind'].replace('_', ' ')} rate"
+        else:
+            kind, unit = "feature_drift", "PSI against the reference"
+        detected.append(
+            {
+                "kind": kind,
+                "target": f["target"],
+                "effect": round(float(f["effect"]), 4),
+                "ci": None,
+                "unit": unit,
+                "method": "detection",
+                "p_value": f["p_value"],
+                "evidence": {
+                    "windows": [
+                        w["id"] for w in windows if any(x["target"] == f["target"] for x in w.get("findings", []))
+                    ],
+                    "findings": [{"kind": f["kind"], "p_value": f["p_value"], "effect": f["effect"]}],
+                },
+            }
+        )
+    causes.sort(key=lambda c: -c["effect"])
+    detected.sort(key=lambda c: (c["p_value"], -c["effect"]))
+    out = causes + detected
+    served = {w["release"] for w in windows}
+    if instructed is not None and served - {instructed}:
+        out.insert(
+            0,
+            {
+                "kind": "version_skew",
+                "target": ", ".join(sorted(served - {instructed})),
+                "effect": 1.0,
+                "ci": None,
+                "unit": "the windows come from a release the device was not told to run",
+                "method": "configuration",
+                "evidence": {"windows": [w["id"] for w in windows], "instructed": instructed},
+            },
+        )
+    return out
+
+
+_ACTIONS = {
+    "feature_drift": "check the source of {target} at {tenant}; if the new distribution is real, retrain with recent "
+    "data (a federated job warm-started from {release}) and roll it out as a canary",
+    "data_quality": "fix the data feed that fills {target} at {tenant}; no retraining is needed if the feed is "
+    "repaired",
+    "performance": "retrain with the labelled recent data, or roll back to the previous release if a release "
+    "change preceded the drop",
+    "version_skew": "re-issue the assignment to the affected devices (`consortia edge assign`) and check their "
+    "update logs",
+}
+
+
+_MEASURE = {
+    "prediction_shift": "PSI",
+    "covariate_drift": "PSI",
+    "missing_spike": "rate up by",
+    "out_of_range": "rate up by",
+    "performance_drop": "accuracy down by",
+}
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.0f}%"
+
+
+def summarize(incident: dict[str, Any]) -> str:
+    """Two to four sentences from the structured incident (tenant, release, findings,
+    impact, causes); every number and name comes from it, each claim cites its windows."""
+    tenant, release = incident["tenant"], incident["release"]
+    impact = incident["impact"]
+    # the symptom users feel: the model's output or accuracy if either moved, else the strongest finding
+    outputs = [f for f in incident["findings"] if f["kind"] in ("performance_drop", "prediction_shift")]
+    top_finding = outputs[0] if outputs else incident["findings"][0]
+    symptom = {
+        "prediction_shift": "the model's predictions shifted",
+        "covariate_drift": f"the input {top_finding['target']} drifted",
+        "missing_spike": f"{top_finding['target']} went missing more often",
+        "out_of_range": f"{top_finding['target']} went out of its expected range more often",
+        "performance_drop": "accuracy on delayed labels fell",
+    }.get(top_finding["kind"], top_finding["kind"])
+    devices = ", ".join(impact.get("devices", [])) or "its devices"
+    first = (
+        f"At {tenant} ({'regulated' if impact.get('regulated') else 'not regulated'}), on {release}, {symptom} "
+        f"({_MEASURE.get(top_finding['kind'], 'effect')} {top_finding['effect']:.3g}, p = {top_finding['p_value']:.2g}) "
+        f"in {top_finding['windows']} of the "
+        f"last windows from {devices}, {_pct(impact.get('traffic_share', 0.0))} of the release's recent traffic."
+    )
+    causes = incident.get("causes") or []
+    if not causes:
+        return first + " No cause could be ranked yet; the incident stays open for more evidence."
+    c = causes[0]
+    cite = "windows " + ", ".join(str(w) for w in c["evidence"].get("windows", [])[:5])
+    if c["method"] == "interventional":
+        why = (
+            f"Top cause: {c['target']} ({c['kind'].replace('_', ' ')}): redrawing it from its reference removes "
+            f"{_pct(c['effect'])} of the prediction shift (95% CI {_pct(c['ci'][0])} to {_pct(c['ci'][1])}) [{cite}]."
+        )
+    elif c["kind"] == "version_skew":
+        why = f"Top cause: version skew: the device served {c['target']}, not the instructed release [{cite}]."
+    else:
+        why = f"Top cause: {c['target']} ({c['kind'].replace('_', ' ')}), {c['unit']} {c['effect']:.3g} [{cite}]."
+    action = _ACTIONS.get(c["kind"], "investigate").format(target=c["target"], tenant=tenant, release=release)
+    return f"{first} {why} Recommended: {action}."
