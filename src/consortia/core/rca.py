@@ -157,9 +157,10 @@ def summarize(incident: dict[str, Any]) -> str:
         "performance_drop": "accuracy on delayed labels fell",
     }.get(top_finding["kind"], top_finding["kind"])
     devices = ", ".join(impact.get("devices", [])) or "its devices"
+    measure = _MEASURE.get(top_finding["kind"], "effect")
     first = (
         f"At {tenant} ({'regulated' if impact.get('regulated') else 'not regulated'}), on {release}, {symptom} "
-        f"({_MEASURE.get(top_finding['kind'], 'effect')} {top_finding['effect']:.3g}, p = {top_finding['p_value']:.2g}) "
+        f"({measure} {top_finding['effect']:.3g}, p = {top_finding['p_value']:.2g}) "
         f"in {top_finding['windows']} of the "
         f"last windows from {devices}, {_pct(impact.get('traffic_share', 0.0))} of the release's recent traffic."
     )
