@@ -10,6 +10,7 @@ import json
 import httpx
 import numpy as np
 import pytest
+from fastapi import Request
 
 from consortia.edge.monitoring import MISSING, WindowMonitor
 from consortia.edge.runtime import load_release
@@ -41,6 +42,23 @@ def _windows(release, reference, frame, rows=300, n=1):
         feeds["cat"] = part["cat"].astype("string").fillna(MISSING).to_numpy(object).reshape(-1, 1)
         m.observe(feeds, release.predict(feeds), 0.001)
     return m.drain()
+
+
+def _open_incident(coord, tmp_path) -> int:
+    """A job, a device at regulated hosp-a on its release, drifted windows: the incident id."""
+    coord.admin.post_json("/v1/tenants", {"name": "hosp-a", "regulated": True})
+    sites = [coord.site(n, frame=synthetic_frame(500, i + 1), tmp=tmp_path) for i, n in enumerate(("a", "b"))]
+    job = coord.wait_job(coord.admin.post_json("/v1/jobs", SPEC)["id"], sites)
+    assert job["state"] == "completed", job["reason"]
+    bundle = coord.http.app.state.governance.releases.paths(coord.http.app.state.store.get_version("test-job", 1))[0]
+    release, reference = load_release(bundle), json.loads((bundle / "reference.json").read_text())
+    cred = _device(coord, "hosp-a", "scanner-1")
+    coord.admin.post_json("/v1/devices/assign", {"model": "test-job", "version": 1, "tenant": "hosp-a", "selector": {}})
+    for w in _windows(release, reference, synthetic_frame(600, 43, shift=2.0), n=2):
+        resp = coord.http.post("/v1/devices/me/monitoring", json=w, headers={"Authorization": f"Bearer {cred}"})
+        assert resp.status_code == 201, resp.text
+    (incident,) = coord.admin.get_json("/v1/incidents")
+    return int(incident["id"])
 
 
 def test_persistent_drift_opens_one_tenant_scoped_incident(coord, tmp_path):
@@ -98,3 +116,48 @@ def test_persistent_drift_opens_one_tenant_scoped_incident(coord, tmp_path):
     assert done["state"] == "resolved"
     actions = [e["action"] for e in coord.admin.get_json("/v1/audit/entries", params={"limit": 1000})]
     assert "incident.opened" in actions and "incident.resolved" in actions
+
+
+def test_an_llm_rephrasing_is_used_only_when_every_figure_is_grounded(tmp_path):
+    import threading
+    import time
+
+    import uvicorn
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from consortia.cli.demo import free_port
+    from consortia.coordinator.app import create_app
+    from consortia.coordinator.settings import Settings
+    from support import Coord
+
+    mode = {"invent": True}
+    llm = FastAPI()
+
+    @llm.post("/v1/chat/completions")
+    async def complete(request: Request) -> dict:
+        prompt = (await request.json())["messages"][1]["content"]
+        summary = prompt.split("Summary: ", 1)[1].split("\nFacts:", 1)[0]
+        text = "In short: " + summary
+        if mode["invent"]:
+            text += " About 1,200 customers at branch-7 are affected."  # figures found nowhere in the incident
+        return {"choices": [{"message": {"role": "assistant", "content": text}}]}
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(llm, host="127.0.0.1", port=port, log_level="warning"))
+    threading.Thread(target=server.run, daemon=True).start()
+    time.sleep(0.5)
+    settings = Settings(home=tmp_path / "coord", tick_seconds=0.05, llm_url=f"http://127.0.0.1:{port}")
+    try:
+        with TestClient(create_app(settings)) as http:
+            coord = Coord(http, tmp_path / "coord")
+            incident_id = _open_incident(coord, tmp_path)
+            shown = coord.admin.get_json(f"/v1/incidents/{incident_id}")
+            assert shown["narrative"]["source"] == "template" and shown["narrative"]["text"] == shown["summary"]
+            assert "1,200" in shown["narrative"]["reason"] and "branch-7" in shown["narrative"]["reason"]
+            mode["invent"] = False
+            coord.http.app.state.monitoring._phrased.clear()
+            shown = coord.admin.get_json(f"/v1/incidents/{incident_id}")
+            assert shown["narrative"] == {"text": "In short: " + shown["summary"], "source": "llm", "reason": None}
+    finally:
+        server.should_exit = True

@@ -59,13 +59,17 @@ def coordinator_serve(
     port: Annotated[int, typer.Option(help="TCP port")] = 8700,
     db: Annotated[str | None, typer.Option("--db", help="SQLAlchemy URL (default: SQLite under --home)")] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "warning",
+    llm_url: Annotated[
+        str | None,
+        typer.Option(help="OpenAI-compatible endpoint (e.g. local llama.cpp) to rephrase incident summaries"),
+    ] = None,
 ) -> None:
     """Start the coordinator API (OpenAPI at /docs)."""
     import uvicorn
 
     from consortia.coordinator import Settings, create_app
 
-    settings = Settings(home=home, db_url=db)
+    settings = Settings(home=home, db_url=db, llm_url=llm_url)
     fresh = not settings.admin_credential_path.exists()
     application = create_app(settings)
     if fresh and settings.admin_credential_path.exists():

@@ -66,6 +66,16 @@ def incidents_show(
         f"{'regulated' if imp.get('regulated') else 'not regulated'}, devices {', '.join(imp.get('devices', []))}, "
         f"{imp.get('traffic_share', 0):.0%} of the release's traffic in the last hour"
     )
+    console.print(i["summary"])
+    if i.get("narrative") and i["narrative"]["source"] == "llm":
+        console.print(f"[dim]rephrased (every figure checked against the incident):[/] {i['narrative']['text']}")
+    elif i.get("narrative"):
+        console.print(f"[dim]LLM rephrasing not used: {i['narrative']['reason']}[/]")
+    causes = Table("rank", "cause", "target", "effect", "95% CI", "method", title="ranked causes")
+    for n, c in enumerate(i.get("causes", []), 1):
+        ci = f"{c['ci'][0]:.2f} to {c['ci'][1]:.2f}" if c.get("ci") else "-"
+        causes.add_row(str(n), c["kind"], c["target"], f"{c['effect']:.3g}", ci, c["method"])
+    console.print(causes)
     table = Table("kind", "target", "windows", "p-value", "effect", title="findings (strongest first)")
     for f in i["findings"]:
         table.add_row(f["kind"], f["target"], str(f["windows"]), f"{f['p_value']:.2e}", f"{f['effect']:.3f}")

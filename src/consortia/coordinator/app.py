@@ -69,7 +69,7 @@ def create_app(settings: Settings) -> FastAPI:
     rounds.on_registered = governance.ensure_release
     device_service = DeviceService(store, keys, tuf, settings)
     device_service.publish = lambda model, version: governance.sync_tuf({(model, version)})
-    monitoring = MonitoringService(store)
+    monitoring = MonitoringService(store, settings.llm_url, settings.llm_model)
     device_service.monitor = monitoring.on_window
     rollout_service = RolloutService(store, device_service, governance)
     token = tenant_service.ensure_admin()

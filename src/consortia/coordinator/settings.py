@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     tick_seconds: float = Field(default=0.25, gt=0)
     enrollment_ttl_hours: float = Field(default=72.0, gt=0)
     site_credential_ttl_days: float = Field(default=365.0, gt=0)
+    llm_url: str | None = Field(
+        default=None, description="OpenAI-compatible endpoint (e.g. a local llama.cpp server) to rephrase incidents"
+    )
+    llm_model: str = Field(default="local", description="model name sent to the LLM endpoint")
     restart_grace_fraction: float = Field(
         default=0.5, ge=0, description="after a restart, open rounds get this share of their deadline again"
     )

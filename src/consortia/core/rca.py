@@ -17,15 +17,19 @@ Candidate causes, each with an effect estimate, its uncertainty and its evidence
 Ranking: interventional causes first, by effect; then the rest by their test's p-value.
 :func:`summarize` turns the structured incident into two to four sentences naming the
 tenant, the symptom, the top cause with its number and the recommended action, each
-claim followed by its evidence reference (window ids).
+claim followed by its evidence reference (window ids). :func:`grounded` decides whether a
+rephrasing (e.g. by an LLM) may replace it: every number and every identifier in it must
+appear in the structured incident or in the template's own text.
 """
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["rank_causes", "summarize"]
+__all__ = ["grounded", "rank_causes", "summarize"]
 
 _QUALITY = ("missing_spike", "out_of_range")
 
@@ -180,3 +184,48 @@ def summarize(incident: dict[str, Any]) -> str:
         why = f"Top cause: {c['target']} ({c['kind'].replace('_', ' ')}), {c['unit']} {c['effect']:.3g} [{cite}]."
     action = _ACTIONS.get(c["kind"], "investigate").format(target=c["target"], tenant=tenant, release=release)
     return f"{first} {why} Recommended: {action}."
+
+
+_NUMBER = re.compile(r"(?<![A-Za-z_0-9.])\d+(?:[.,]\d+)*(?:e[-+]?\d+)?%?")
+_IDENT = re.compile(r"\b[A-Za-z][A-Za-z0-9]*(?:[-_:./][A-Za-z0-9]+)+\b")
+
+
+def _value(token: str) -> float | None:
+    try:
+        return float(token.rstrip("%").replace(",", ""))
+    except ValueError:
+        return None
+
+
+def _spellings(token: str) -> set[str]:
+    """A source figure, and the same figure as a percentage or a fraction (0.4 <-> 40%),
+    at four significant digits."""
+    x = _value(token)
+    return set() if x is None else {f"{v:.4g}" for v in (x, x * 100, x / 100)}
+
+
+def grounded(text: str, incident: dict[str, Any], template: str) -> tuple[bool, list[str]]:
+    """Whether ``text`` states only figures and names found in ``incident`` (its JSON)
+    or in ``template``; returns (ok, the offending tokens)."""
+    source = json.dumps(incident, default=str) + " " + template
+    allowed_numbers: set[str] = set()
+    for tok in _NUMBER.findall(source):
+        allowed_numbers |= _spellings(tok)
+    allowed_idents = set(_IDENT.findall(source)) | {str(v) for v in _strings(incident)}
+    bad = []
+    for tok in _NUMBER.findall(text):
+        x = _value(tok)
+        if x is None or f"{x:.4g}" not in allowed_numbers:
+            bad.append(tok)
+    for tok in _IDENT.findall(text):
+        if tok not in allowed_idents:
+            bad.append(tok)
+    return not bad, bad
+
+
+def _strings(obj: Any) -> list[str]:
+    if isinstance(obj, dict):
+        return [s for k, v in obj.items() for s in (str(k), *_strings(v))]
+    if isinstance(obj, list):
+        return [s for v in obj for s in _strings(v)]
+    return [str(obj)]

@@ -14,16 +14,22 @@ windows carried. Priority: ``P1`` a regulated tenant whose model output moved
 (``prediction_shift``) or any finding with PSI >= 0.25 at a regulated tenant; ``P2`` any
 other incident at a regulated tenant or one carrying >= 25% of the release's traffic;
 ``P3`` the rest.
+
+Summaries: a deterministic template (:func:`consortia.core.rca.summarize`). With
+``--llm-url`` (an OpenAI-compatible endpoint, e.g. a local llama.cpp server) ``incidents
+show`` also asks it to rephrase; the rephrasing is shown only if every number and name in
+it is grounded in the incident, otherwise the template stands.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from datetime import timedelta
 from typing import Any
 
 from consortia.core.detect import check_window
-from consortia.core.rca import rank_causes, summarize
+from consortia.core.rca import grounded, rank_causes, summarize
 from consortia.errors import PermissionDeniedError
 from consortia.protocol.delivery import MonitoringWindow
 from consortia.store.entities import Device, Principal, utcnow
@@ -38,8 +44,11 @@ LOOKBACK = 3
 
 
 class MonitoringService:
-    def __init__(self, store: SqlStore) -> None:
+    def __init__(self, store: SqlStore, llm_url: str | None = None, llm_model: str = "local") -> None:
         self.store = store
+        self.llm_url = llm_url.rstrip("/") if llm_url else None
+        self.llm_model = llm_model
+        self._phrased: dict[tuple[int, str], dict[str, Any]] = {}
 
     def on_window(self, device: Device, window_id: int, window: MonitoringWindow) -> list[dict[str, Any]]:
         """Check one stored window; open or update the tenant's incident if findings persist."""
@@ -122,6 +131,8 @@ class MonitoringService:
         stored = self.store.get_incident(incident_id)
         incident = self._visible(principal, stored)
         windows = self.store.recent_windows(stored["tenant_id"], incident["release"], 10)
+        if self.llm_url is not None:
+            incident["narrative"] = self._narrative(incident)
         incident["recent_windows"] = [
             {
                 "id": w["id"],
@@ -132,6 +143,44 @@ class MonitoringService:
             for w in windows
         ]
         return incident
+
+    def _narrative(self, incident: dict[str, Any]) -> dict[str, Any]:
+        """The LLM's rephrasing of the template summary, if every number and name in it
+        is grounded in the incident (:func:`consortia.core.rca.grounded`); otherwise the
+        template stands, and the answer says why. Cached per incident version."""
+        key = (incident["id"], incident["updated_at"])
+        if key not in self._phrased:
+            self._phrased[key] = self._ask_llm(incident)
+        return self._phrased[key]
+
+    def _ask_llm(self, incident: dict[str, Any]) -> dict[str, Any]:
+        import httpx
+
+        template = incident["summary"]
+        facts = {k: incident[k] for k in ("tenant", "release", "priority", "findings", "impact", "causes")}
+        body = {
+            "model": self.llm_model,
+            "temperature": 0,
+            "messages": [
+                {
+                    "role": "system",
+                    "content": "Rephrase the incident summary for an operator in 2-4 plain sentences. Use only "
+                    "numbers and names that appear in the summary or the facts; do not add any.",
+                },
+                {"role": "user", "content": f"Summary: {template}\nFacts: {json.dumps(facts, default=str)}"},
+            ],
+        }
+        try:
+            resp = httpx.post(f"{self.llm_url}/v1/chat/completions", json=body, timeout=20.0)
+            resp.raise_for_status()
+            text = str(resp.json()["choices"][0]["message"]["content"]).strip()
+        except (httpx.HTTPError, KeyError, IndexError, TypeError, ValueError) as exc:
+            return {"text": template, "source": "template", "reason": f"LLM endpoint unavailable: {exc}"}
+        ok, bad = grounded(text, facts, template)
+        if not ok:
+            log.warning("LLM rephrasing of incident %s refused: ungrounded %s", incident["id"], bad[:5])
+            return {"text": template, "source": "template", "reason": f"LLM text had ungrounded {bad[:5]}"}
+        return {"text": text, "source": "llm", "reason": None}
 
     def resolve(self, principal: Principal, incident_id: int, note: str) -> dict[str, Any]:
         self._visible(principal, self.store.get_incident(incident_id))
