@@ -13,6 +13,12 @@ Candidate causes, each with an effect estimate, its uncertainty and its evidence
 - ``performance`` when delayed labels show accuracy falling with no input explaining it
   (concept drift: the world changed under the model).
 - ``version_skew`` when the windows come from a release the device was not told to run.
+- ``release`` against ``infrastructure`` for a symptom that changed when a release
+  reached part of the fleet (:func:`release_vs_infrastructure`): a canary is a natural
+  experiment, so the release's effect is the difference-in-differences between the devices
+  that received it and those that did not, before and after; what moved on every device
+  alike is the infrastructure's. A release that merely coincides with the symptom gets
+  close to nothing.
 
 Ranking: interventional causes first, by effect; then the rest by their test's p-value.
 :func:`summarize` turns the structured incident into two to four sentences naming the
@@ -29,7 +35,7 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["grounded", "rank_causes", "summarize"]
+__all__ = ["grounded", "rank_causes", "release_vs_infrastructure", "summarize"]
 
 _QUALITY = ("missing_spike", "out_of_range")
 
@@ -229,3 +235,71 @@ def _strings(obj: Any) -> list[str]:
     if isinstance(obj, list):
         return [s for v in obj for s in _strings(v)]
     return [str(obj)]
+
+
+def _mean_se(values: Sequence[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
+    return mean, (var / n) ** 0.5
+
+
+def release_vs_infrastructure(
+    windows: Sequence[dict[str, Any]], metric: str, release: str, switch_at: str
+) -> list[dict[str, Any]] | None:
+    """Split the change of ``metric`` around ``switch_at`` (ISO time the release reached
+    the canaries) into the release's effect and a common (infrastructure) effect.
+
+    ``windows``: ``{"id", "device", "release", "ended_at", metric: value}``. Treated
+    devices served ``release`` after the switch; controls never did. Release effect =
+    (treated after - treated before) - (control after - control before), with a 95%
+    interval from the four groups' standard errors; infrastructure effect = the controls'
+    change. None without windows on both sides of the switch in both groups."""
+    treated = {w["device"] for w in windows if w["release"] == release and w["ended_at"] > switch_at}
+    groups: dict[tuple[bool, bool], list[float]] = {(t, a): [] for t in (True, False) for a in (True, False)}
+    ids: dict[tuple[bool, bool], list[int]] = {k: [] for k in groups}
+    for w in windows:
+        if w.get(metric) is None:
+            continue
+        key = (w["device"] in treated, w["ended_at"] > switch_at)
+        if key[0] is False and w["release"] == release:
+            continue  # a control device cannot have served the release
+        groups[key].append(float(w[metric]))
+        ids[key].append(w["id"])
+    if any(not v for v in groups.values()):
+        return None
+    (tb, tb_se), (ta, ta_se) = _mean_se(groups[(True, False)]), _mean_se(groups[(True, True)])
+    (cb, cb_se), (ca, ca_se) = _mean_se(groups[(False, False)]), _mean_se(groups[(False, True)])
+    did = (ta - tb) - (ca - cb)
+    did_se = (tb_se**2 + ta_se**2 + cb_se**2 + ca_se**2) ** 0.5
+    common = ca - cb
+    common_se = (cb_se**2 + ca_se**2) ** 0.5
+    evidence = {
+        "treated_devices": sorted(treated),
+        "windows": {f"{'treated' if t else 'control'}_{'after' if a else 'before'}": ids[(t, a)] for t, a in ids},
+        "means": {"treated": [tb, ta], "control": [cb, ca]},
+        "switch_at": switch_at,
+    }
+    return sorted(
+        [
+            {
+                "kind": "release",
+                "target": release,
+                "effect": round(did, 6),
+                "ci": [round(did - 1.96 * did_se, 6), round(did + 1.96 * did_se, 6)],
+                "unit": f"change of {metric} on devices that received it, beyond the others'",
+                "method": "difference-in-differences",
+                "evidence": evidence,
+            },
+            {
+                "kind": "infrastructure",
+                "target": metric,
+                "effect": round(common, 6),
+                "ci": [round(common - 1.96 * common_se, 6), round(common + 1.96 * common_se, 6)],
+                "unit": f"change of {metric} on devices that did not receive the release",
+                "method": "difference-in-differences",
+                "evidence": evidence,
+            },
+        ],
+        key=lambda c: -abs(c["effect"]),
+    )
