@@ -5,14 +5,12 @@ audited resolution."""
 
 from __future__ import annotations
 
-import json
-
 import httpx
 import numpy as np
 import pytest
 from fastapi import Request
 
-from consortia.edge.monitoring import MISSING, WindowMonitor
+from consortia.edge.monitoring import MISSING, WindowMonitor, load_reference
 from consortia.edge.runtime import load_release
 from support import SPEC, synthetic_frame
 
@@ -51,7 +49,8 @@ def _open_incident(coord, tmp_path) -> int:
     job = coord.wait_job(coord.admin.post_json("/v1/jobs", SPEC)["id"], sites)
     assert job["state"] == "completed", job["reason"]
     bundle = coord.http.app.state.governance.releases.paths(coord.http.app.state.store.get_version("test-job", 1))[0]
-    release, reference = load_release(bundle), json.loads((bundle / "reference.json").read_text())
+    release = load_release(bundle)
+    reference = load_reference(release)
     cred = _device(coord, "hosp-a", "scanner-1")
     coord.admin.post_json("/v1/devices/assign", {"model": "test-job", "version": 1, "tenant": "hosp-a", "selector": {}})
     for w in _windows(release, reference, synthetic_frame(600, 43, shift=2.0), n=2):
@@ -67,7 +66,8 @@ def test_persistent_drift_opens_one_tenant_scoped_incident(coord, tmp_path):
     job = coord.wait_job(coord.admin.post_json("/v1/jobs", SPEC)["id"], sites)
     assert job["state"] == "completed", job["reason"]
     bundle = coord.http.app.state.governance.releases.paths(coord.http.app.state.store.get_version("test-job", 1))[0]
-    release, reference = load_release(bundle), json.loads((bundle / "reference.json").read_text())
+    release = load_release(bundle)
+    reference = load_reference(release)
     cred = _device(coord, "hosp-a", "scanner-1")
     coord.admin.post_json("/v1/devices/assign", {"model": "test-job", "version": 1, "tenant": "hosp-a", "selector": {}})
     headers = {"Authorization": f"Bearer {cred}"}

@@ -97,14 +97,16 @@ def test_site_adapter_becomes_a_signed_composite_release_for_its_own_devices(fed
         preds[dev] = resp.json()
     assert preds["dev-a"]["release"] == f"{name}:1" and preds["dev-b"]["release"] == "credit-risk:1"
     assert preds["dev-a"]["predictions"] != preds["dev-b"]["predictions"]
-    # dev-a downloaded the composite's manifest and its two adapter tensors, nothing else:
-    # graph, config, sample and base tensors are the base's, already held (by hash)
+    # dev-a downloaded the composite's manifest, its two adapter tensors and its reference
+    # profile (the adapting site's data), nothing else: graph, config, sample, monitoring
+    # bins and base tensors are the base's, already held (by hash)
     parts = {}
     for dev, rel in (("dev-b", "credit-risk-1"), ("dev-a", f"{name}-1")):
         manifest = json.loads((fed.workdir / "edges" / dev / "releases" / rel / "manifest.json").read_text())
         parts[rel] = {p["sha256"]: p for p in manifest["parts"] if p["role"] not in ("card", "lineage")}
     new = set(parts[f"{name}-1"]) - set(parts["credit-risk-1"])
-    assert sorted(parts[f"{name}-1"][sha]["name"] for sha in new) == ["inner.2.bias", "inner.2.weight"]
+    new_parts = [parts[f"{name}-1"][sha] for sha in new]
+    assert sorted(p.get("name", p["role"]) for p in new_parts) == ["inner.2.bias", "inner.2.weight", "reference"]
     held = {p.name for p in (fed.workdir / "edges" / "dev-a" / "targets" / "parts").iterdir()}
     assert held == set(parts["credit-risk-1"]) | new  # no card, no lineage, no duplicate
     with fed.client() as c:

@@ -4,12 +4,10 @@ does not; no shift, no attribution."""
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
-from consortia.edge.monitoring import MISSING, WindowMonitor
+from consortia.edge.monitoring import MISSING, WindowMonitor, load_reference
 from consortia.edge.runtime import load_release
 from support import SPEC, synthetic_frame
 
@@ -31,7 +29,7 @@ def release(tmp_path_factory):
         v = http.app.state.store.get_version("test-job", 1)
         bundle = http.app.state.governance.releases.paths(v)[0]
         rel = load_release(bundle)
-        reference = json.loads((bundle / "reference.json").read_text())
+        reference = load_reference(rel)
         yield rel, reference
 
 

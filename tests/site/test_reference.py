@@ -57,8 +57,11 @@ def test_reference_profiles_from_a_job_end_up_in_lineage_and_release(coord, tmp_
     assert sum(glob.scores["negative"]) + sum(glob.scores["positive"]) > 0
 
     # the release carries the bins and the global reference for the serving agents
-    ref = json.loads(
-        coord.admin.request("GET", "/v1/registry/models/test-job/versions/1/release/files/reference.json").content
-    )
-    assert ref["bins"]["x1"]["cuts"] == plan["cuts"]["x1"] and ref["bins"]["cat"]["vocabulary"] == ["a", "b", "c"]
-    assert ref["profile"] == lin["reference"]["profile"]
+    files = "/v1/registry/models/test-job/versions/1/release/files"
+    bins = json.loads(coord.admin.request("GET", f"{files}/bins.json").content)["bins"]
+    ref = json.loads(coord.admin.request("GET", f"{files}/reference.json").content)
+    manifest = json.loads(coord.admin.request("GET", f"{files}/manifest.json").content)
+    assert bins["x1"]["cuts"] == plan["cuts"]["x1"] and bins["cat"]["vocabulary"] == ["a", "b", "c"]
+    want = lin["reference"]["profile"]
+    assert ref["profile"] == {k: v for k, v in want.items() if k != "scores"}
+    assert manifest["reference_scores"] == want["scores"]  # the model's own part rides in the manifest

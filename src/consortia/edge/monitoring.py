@@ -37,15 +37,21 @@ MISSING = "<missing>"  # as consortia.edge.runtime.MISSING (kept import-light)
 
 
 def load_reference(release: Any) -> dict[str, Any] | None:
-    """A release's ``reference.json`` (agreed bins and reference profile), if it has one."""
-    for part in release.manifest["parts"]:
-        if part["role"] == "reference":
-            return json.loads((release.path / part["path"]).read_text())  # type: ignore[no-any-return]
-    return None
+    """A release's monitoring reference, if it has one: ``{"bins", "sites", "profile"}``
+    from ``bins.json`` and ``reference.json``, with the model's test-score histograms
+    (``profile.scores``) from the manifest."""
+    files = {
+        p["role"]: release.path / p["path"] for p in release.manifest["parts"] if p["role"] in ("bins", "reference")
+    }
+    if len(files) < 2:
+        return None
+    ref = json.loads(files["reference"].read_text())
+    profile = {**ref["profile"], "scores": release.manifest.get("reference_scores") or {}}
+    return {"bins": json.loads(files["bins"].read_text())["bins"], "sites": ref.get("sites", []), "profile": profile}
 
 
 def load_bins(release: Any) -> dict[str, dict[str, Any]]:
-    """The agreed bins from a release's ``reference.json`` ({} if it has none)."""
+    """The agreed monitoring bins of a release ({} if it has none)."""
     ref = load_reference(release)
     return ref["bins"] if ref else {}
 

@@ -5,9 +5,10 @@ A release bundle binds everything inference needs (format ``consortia-release/3`
 :mod:`consortia.edge.runtime`): ``model.onnx`` (raw columns in, probability out, the
 agreed preprocessing inside the graph), one file per weight tensor under ``tensors/``
 (ONNX external data), ``config.json`` (recipe, features, label, preprocessing,
-threshold), ``sample.json`` (smoke-test inputs), ``reference.json`` (the agreed
-monitoring bins and the global reference profile: the sites' suppressed histograms
-summed), the model card, the lineage, and ``manifest.json`` listing every part by role,
+threshold), ``sample.json`` (smoke-test inputs), ``bins.json`` (the agreed monitoring
+bins), ``reference.json`` (the global reference profile of the training data: the sites'
+suppressed histograms summed; the model's own test-score histograms ride in the
+manifest), the model card, the lineage, and ``manifest.json`` listing every part by role,
 hash and size, with model, version and parameter hash (binding the identity into the
 signed content), the outputs the trained model gives for the sample, and a slot for a
 vector-index snapshot. ``model_signing`` hashes every file into an in-toto statement and
@@ -81,6 +82,7 @@ def write_bundle(root: Path, v: ModelVersion, params: dict[str, np.ndarray], thr
     sample = sample_inputs(plan, spec["features"])
     expected = predict(recipe, options, params, transform(pd.DataFrame(sample), plan))
     parts.append(_part(root, "sample", "sample.json", _dump(sample)))
+    reference_scores: dict[str, Any] = {}
     if lin.get("reference"):  # what serving agents compare their traffic with (monitoring)
         bins = {
             f["name"]: (
@@ -90,7 +92,13 @@ def write_bundle(root: Path, v: ModelVersion, params: dict[str, np.ndarray], thr
             )
             for f in spec["features"]
         }
-        reference = {"format": "consortia-reference/1", "bins": bins, "score_bins": 10, **lin["reference"]}
+        # bins change with the plan, the data profile with the training data, the score
+        # histograms with every model: three places, so a retrain or an adapter moves only
+        # what changed (the scores ride in the manifest)
+        parts.append(_part(root, "bins", "bins.json", _dump({"format": "consortia-bins/1", "bins": bins})))
+        profile = {k: v for k, v in lin["reference"]["profile"].items() if k != "scores"}
+        reference_scores = lin["reference"]["profile"].get("scores", {})
+        reference = {"format": "consortia-reference/1", "sites": lin["reference"]["sites"], "profile": profile}
         parts.append(_part(root, "reference", "reference.json", _dump(reference)))
     card = model_card(v)
     card["release_digest"] = None  # unknown until signed; the registry serves the live card
@@ -109,6 +117,7 @@ def write_bundle(root: Path, v: ModelVersion, params: dict[str, np.ndarray], thr
         "threshold": threshold,
         "index": None,  # slot for a vector-index snapshot (a later release kind fills it)
         "sample": {"expected": [float(x) for x in expected], "tolerance": 1e-5},
+        "reference_scores": reference_scores,  # the model's test scores per class (monitoring reference)
         "parts": parts,
     }
     # compact: the manifest is the one file every update moves
