@@ -161,3 +161,70 @@ def test_an_llm_rephrasing_is_used_only_when_every_figure_is_grounded(tmp_path):
             assert shown["narrative"] == {"text": "In short: " + shown["summary"], "source": "llm", "reason": None}
     finally:
         server.should_exit = True
+
+
+def test_latency_that_rises_fleet_wide_as_a_canary_starts_is_blamed_on_infrastructure(coord, tmp_path):
+    """The confounded canary: release 2 reaches 4 of 12 devices at the moment p99 rises by
+    20 ms on every device. The incident at hosp-a ranks infrastructure first and gives the
+    release under 10% of the canaries' change; bank-b's devices and windows appear in
+    hosp-a's evidence only as counts."""
+    from datetime import UTC, datetime, timedelta
+
+    coord.admin.post_json("/v1/tenants", {"name": "hosp-a", "regulated": True})
+    coord.admin.post_json("/v1/tenants", {"name": "bank-b", "regulated": False})
+    sites = [coord.site(n, frame=synthetic_frame(500, i + 1), tmp=tmp_path) for i, n in enumerate(("a", "b"))]
+    releases = {}
+    for version in (1, 2):
+        job = coord.wait_job(coord.admin.post_json("/v1/jobs", SPEC)["id"], sites)
+        assert job["state"] == "completed", job["reason"]
+        v = coord.http.app.state.store.get_version("test-job", version)
+        releases[version] = load_release(coord.http.app.state.governance.releases.paths(v)[0])
+    pool = {
+        v: _windows(r, load_reference(r), synthetic_frame(300 * 12, 42), n=12) for v, r in releases.items()
+    }  # windows of the reference population, re-timed below
+    creds, ids = {}, {}
+    for tenant in ("hosp-a", "bank-b"):
+        for k in range(6):
+            token = coord.admin.post_json(f"/v1/tenants/{tenant}/device-enrollment-tokens", {})["token"]
+            ring = "canary" if k < 2 else "stable"
+            resp = coord.http.post(
+                "/v1/devices/enroll",
+                json={"enrollment_token": token, "device_name": f"{tenant}-{k}", "labels": {"ring": ring}},
+            )
+            creds[f"{tenant}-{k}"] = resp.json()["credential"]
+        coord.admin.post_json("/v1/devices/assign", {"model": "test-job", "version": 1, "tenant": tenant})
+    rng = np.random.default_rng(7)
+    base = {name: rng.uniform(0.008, 0.012) for name in creds}
+    start = datetime.now(UTC) - timedelta(minutes=40)
+    for minute in range(20):
+        if minute == 12:  # the canary starts, and the shared infrastructure slows down at the same moment
+            for tenant in ("hosp-a", "bank-b"):
+                coord.admin.post_json(
+                    "/v1/devices/assign",
+                    {"model": "test-job", "version": 2, "tenant": tenant, "selector": {"ring": "canary"}},
+                )
+        for n, (name, cred) in enumerate(creds.items()):
+            canary = name.endswith(("-0", "-1"))
+            version = 2 if canary and minute >= 12 else 1
+            w = dict(pool[version][(minute + n) % 12])
+            t0 = start + timedelta(minutes=minute)
+            w["started_at"], w["ended_at"] = t0.isoformat(), (t0 + timedelta(seconds=59)).isoformat()
+            p99 = base[name] + rng.normal(0, 0.0005) + (0.020 if minute >= 12 else 0.0)
+            w["latency"] = {**w["latency"], "p99": p99}
+            resp = coord.http.post("/v1/devices/me/monitoring", json=w, headers={"Authorization": f"Bearer {cred}"})
+            assert resp.status_code == 201, resp.text
+            ids[resp.json()["id"]] = name
+    incidents = coord.admin.get_json("/v1/incidents")
+    assert incidents and all(i["findings"][0]["kind"] == "latency_rise" for i in incidents)
+    (canary,) = [i for i in incidents if i["tenant"] == "hosp-a" and i["release"] == "test-job:2"]
+    top, second = canary["causes"][:2]
+    assert (top["kind"], top["method"]) == ("infrastructure", "difference-in-differences")
+    assert top["effect"] == pytest.approx(20, abs=2)  # ms, the controls' change
+    assert second["kind"] == "release" and abs(second["effect"]) < 0.1 * (top["effect"] + second["effect"])
+    assert second["ci"][0] <= 0 <= second["ci"][1]
+    ev = top["evidence"]
+    assert ev["devices"] == {"treated": 4, "control": 8, "treated_here": 2}
+    assert {ids[i] for i in ev["windows"]} <= {n for n in creds if n.startswith("hosp-a")}
+    assert "bank-b" not in str(canary["causes"]) and "bank-b" not in canary["summary"]
+    assert "Top cause: infrastructure (latency_p99_ms)" in canary["summary"]
+    assert "neither a rollback nor retraining" in canary["summary"]

@@ -40,7 +40,7 @@ def world():
         cuts={c: bins_from_quantiles(merge_sketches(s)) for c, s in sketches.items()},
         bounds={c: tuple(merge_sketches(s, (0.01, 0.99))) for c, s in sketches.items()},
     )
-    ref = suppressed(build_reference(train, spec, plan, np.zeros(2), np.zeros(2)), 10).model_dump(mode="json")
+    ref = suppressed(build_reference(train, spec, plan, np.zeros(2), np.zeros(2)), 10, plan).model_dump(mode="json")
     ref["scores"] = {}
     bins = {
         c: {"kind": "numeric", "cuts": plan.cuts[c], "bounds": list(plan.bounds[c])}

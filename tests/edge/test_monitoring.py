@@ -34,7 +34,8 @@ def test_a_window_counts_on_the_agreed_bins_and_suppresses_small_counts():
     assert w["features"]["x"] == {"counts": [11], "groups": [0, 0, 0], "missing": 0, "out_of_range": 0, "suppressed": 1}
     # c: a x9, b x1, other (z) x1 -> the small ones join the largest group; "<missing>" is missing
     assert w["features"]["c"]["counts"] == [11] and w["features"]["c"]["groups"] == [0, 0, 0]
-    assert w["predictions"] == [6, 6] and w["prediction_groups"] == [0, 0, 1, 1, 1, 1, 1, 1, 1, 1]
+    # scores 0.15 x6 and 0.95 x6: both bins hold the minimum; empty bins stay on their own (0 is allowed)
+    assert w["predictions"] == [0, 6, 0, 0, 0, 0, 0, 0, 0, 6] and w["prediction_groups"] == list(range(10))
     assert w["latency"]["count"] == 2 and w["latency"]["p99"] == pytest.approx(0.004, rel=0.05)
     assert w["min_count"] == 3
 

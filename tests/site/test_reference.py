@@ -9,8 +9,9 @@ import json
 import numpy as np
 import pytest
 
-from consortia.core.profile import DECILES, SKETCH_PROBS, merge_sketches, quantile_sketch
-from consortia.protocol.schemas import ReferenceProfile
+from consortia.coordinator.services.results import merge_references
+from consortia.core.profile import DECILES, SKETCH_PROBS, common_groups, merge_sketches, onto, quantile_sketch
+from consortia.protocol.schemas import PreprocessingPlan, ReferenceProfile
 from consortia.site.monitor import suppressed
 from support import SPEC, synthetic_frame
 
@@ -48,9 +49,17 @@ def test_reference_profiles_from_a_job_end_up_in_lineage_and_release(coord, tmp_
     for name, ref in local.items():
         for feature, fp in ref.features.items():
             assert sum(fp.counts) + fp.missing == ref.rows, (name, feature)
-    for feature in ("x1", "x2", "cat"):
-        want = np.sum([suppressed(r, 8).features[feature].counts for r in local.values()], axis=0)
-        assert glob.features[feature].counts == want.tolist()
+    sent = [suppressed(r, 8, PreprocessingPlan.model_validate(plan)) for r in local.values()]
+    for r in sent:  # what left each site: no count under its minimum, small bins merged rather than lost
+        for fp in r.features.values():
+            assert all(c == 0 or c >= 8 for c in (*fp.counts, fp.missing, fp.out_of_range))
+            assert sum(fp.counts) + fp.missing == r.rows
+        assert all(c == 0 or c >= 8 for h in r.scores.values() for c in h)
+    assert merge_references(sent) == glob  # the global one is their sum on the common grouping
+    for feature in ("x1", "x2", "cat"):  # exact on the sites' common grouping
+        local_sum = np.sum([r.features[feature].counts for r in local.values()], axis=0).tolist()
+        common = common_groups([r.features[feature].groups for r in sent], len(local_sum))
+        assert onto(glob.features[feature].counts, None, common) == onto(local_sum, None, common)
     # the agreed edges are the consortium's deciles: x1's ten bins are about equally full
     x1 = np.array(glob.features["x1"].counts) / sum(glob.features["x1"].counts)
     assert x1.min() > 0.05 and x1.max() < 0.15
@@ -63,5 +72,6 @@ def test_reference_profiles_from_a_job_end_up_in_lineage_and_release(coord, tmp_
     manifest = json.loads(coord.admin.request("GET", f"{files}/manifest.json").content)
     assert bins["x1"]["cuts"] == plan["cuts"]["x1"] and bins["cat"]["vocabulary"] == ["a", "b", "c"]
     want = lin["reference"]["profile"]
-    assert ref["profile"] == {k: v for k, v in want.items() if k != "scores"}
+    assert ref["profile"] == {k: v for k, v in want.items() if k not in ("scores", "score_groups")}
+    assert manifest["reference_score_groups"] == want["score_groups"]
     assert manifest["reference_scores"] == want["scores"]  # the model's own part rides in the manifest

@@ -5,7 +5,7 @@ bins, possibly coarsened) and the reference (the consortium's training data on t
 bins, see :mod:`consortia.core.profile`):
 
 - ``covariate_drift``: chi-square homogeneity of the window's counts and the reference's
-  regrouped the same way; effect: PSI;
+  on their finest common grouping (both may be coarsened); effect: PSI;
 - ``missing_spike`` / ``out_of_range``: the rate rose (two-proportion test); effect: the
   rise in rate;
 
@@ -30,14 +30,14 @@ Examples
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from consortia.core.drift import benjamini_hochberg, chi_square, psi, two_proportion
-from consortia.core.profile import regroup
+from consortia.core.profile import common_groups, expand, onto
 
-__all__ = ["MIN_EFFECT", "Finding", "check_window"]
+__all__ = ["LATENCY_FLOOR_MS", "MIN_EFFECT", "Finding", "check_operations", "check_window"]
 
 MIN_EFFECT = {
     "covariate_drift": 0.1,
@@ -45,7 +45,12 @@ MIN_EFFECT = {
     "missing_spike": 0.02,
     "out_of_range": 0.02,
     "performance_drop": 0.05,
+    "latency_rise": 0.5,  # p99 up by at least half of the device's own baseline
+    "error_rise": 0.02,
 }
+LATENCY_FLOOR_MS = 5.0
+"""A latency rise must also add this much to p99: sub-millisecond jitter on a busy host
+is not an incident."""
 
 
 @dataclass(frozen=True)
@@ -63,8 +68,13 @@ class Finding:
         return asdict(self)
 
 
-def _grouped(window_counts: list[int], groups: list[int] | None, ref_counts: list[int]) -> list[int]:
-    return regroup(ref_counts, groups) if groups is not None else list(ref_counts)
+def _aligned(
+    counts: list[int], groups: list[int] | None, others: list[tuple[list[int], list[int] | None]]
+) -> tuple[list[int], list[list[int]]]:
+    """The window's counts and each reference histogram on their finest common grouping."""
+    bins = len(groups) if groups is not None else len(counts)
+    target = common_groups([groups, *(g for _, g in others)], bins)
+    return onto(counts, groups, target), [onto(c, g, target) for c, g in others]
 
 
 def check_window(
@@ -84,8 +94,7 @@ def check_window(
         ref = reference["features"].get(name)
         if ref is None:
             continue
-        counts = list(fp["counts"])
-        base = _grouped(counts, fp.get("groups"), ref["counts"])
+        counts, (base,) = _aligned(list(fp["counts"]), fp.get("groups"), [(ref["counts"], ref.get("groups"))])
         if len(counts) >= 2 and sum(counts) > 0 and sum(base) > 0:
             res = chi_square(counts, base)
             candidates.append(
@@ -101,9 +110,12 @@ def check_window(
                 )
     scores = reference.get("scores") or {}
     preds = list(window.get("predictions") or [])
+    score_groups = reference.get("score_groups") or {}
     if preds and scores:
-        ref_scores = [sum(v) for v in zip(*scores.values(), strict=True)]
-        base = _grouped(preds, window.get("prediction_groups"), ref_scores)
+        preds, parts = _aligned(
+            preds, window.get("prediction_groups"), [(v, score_groups.get(k)) for k, v in scores.items()]
+        )
+        base = [sum(v) for v in zip(*parts, strict=True)]
         if len(preds) >= 2 and sum(preds) > 0 and sum(base) > 0:
             res = chi_square(preds, base)
             candidates.append(
@@ -112,9 +124,10 @@ def check_window(
     counts = window.get("label_counts") or {}
     labelled, correct = int(counts.get("labelled", 0)), int(counts.get("correct", 0))
     if labelled and scores.get("negative") and scores.get("positive"):
-        neg, pos = scores["negative"], scores["positive"]
+        neg = expand(scores["negative"], score_groups.get("negative"))
+        pos = expand(scores["positive"], score_groups.get("positive"))
         cut = int(threshold * len(neg))
-        ref_n, ref_correct = sum(neg) + sum(pos), sum(neg[:cut]) + sum(pos[cut:])
+        ref_n, ref_correct = round(sum(neg) + sum(pos)), round(sum(neg[:cut]) + sum(pos[cut:]))
         drop = ref_correct / ref_n - correct / labelled if ref_n else 0.0
         if drop > 0:
             res = two_proportion(correct, labelled, ref_correct, ref_n)
@@ -129,3 +142,51 @@ def check_window(
         if k and effect >= min_effect.get(kind, 0.0)
     ]
     return sorted(found, key=lambda f: (f.p_value, -f.effect))
+
+
+def check_operations(
+    window: Mapping[str, Any], baseline: Sequence[Mapping[str, Any]], *, q: float = 0.01, min_baseline: int = 3
+) -> list[Finding]:
+    """Infrastructure findings of one device's window against its own earlier windows
+    (latencies in seconds, as agents send them): ``latency_rise`` (p99 above every
+    baseline window's, up by at least half of their median and by
+    :data:`LATENCY_FLOOR_MS`; effect: the relative rise; p-value: the chance that the
+    largest of ``len(baseline) + 1`` exchangeable values lands on this window) and
+    ``error_rise`` (two-proportion test of the error rate at ``q``; effect: the rise in
+    rate). Needs ``min_baseline`` earlier windows.
+
+    >>> calm = [{"rows": 100, "requests": 100, "errors": 0, "latency": {"p99": 0.010}}] * 5
+    >>> slow = {"rows": 100, "requests": 100, "errors": 0, "latency": {"p99": 0.030}}
+    >>> [(f.kind, round(f.effect, 3)) for f in check_operations(slow, calm)]
+    [('latency_rise', 2.0)]
+    >>> check_operations({**slow, "latency": {"p99": 0.011}}, calm)
+    []
+    """
+    if len(baseline) < min_baseline:
+        return []
+    found: list[Finding] = []
+    p99 = (window.get("latency") or {}).get("p99")
+    past = sorted(float(w["latency"]["p99"]) for w in baseline if (w.get("latency") or {}).get("p99") is not None)
+    if p99 is not None and len(past) >= min_baseline:
+        median = past[len(past) // 2]
+        rise = (float(p99) - median) / median if median > 0 else 0.0
+        p_value = 1.0 / (len(past) + 1) if float(p99) > past[-1] else 1.0
+        added_ms = 1000.0 * (float(p99) - median)
+        if rise >= MIN_EFFECT["latency_rise"] and added_ms >= LATENCY_FLOOR_MS and p_value < 1.0:
+            detail = {
+                "p99_ms": 1000.0 * float(p99),
+                "baseline_median_p99_ms": 1000.0 * median,
+                "baseline_windows": len(past),
+            }
+            found.append(Finding("latency_rise", "latency_p99", p_value, rise, int(window["rows"]), detail))
+    errors, requests = int(window.get("errors", 0)), int(window.get("requests", 0)) + int(window.get("errors", 0))
+    base_err = sum(int(w.get("errors", 0)) for w in baseline)
+    base_req = sum(int(w.get("requests", 0)) + int(w.get("errors", 0)) for w in baseline)
+    if requests and base_req:
+        rise = errors / requests - base_err / base_req
+        if rise >= MIN_EFFECT["error_rise"]:
+            res = two_proportion(errors, requests, base_err, base_req)
+            if res.p_value < q:
+                detail = {"rate": errors / requests, "baseline_rate": base_err / base_req}
+                found.append(Finding("error_rise", "errors", res.p_value, rise, int(window["rows"]), detail))
+    return found

@@ -26,13 +26,23 @@ Examples
 ([12, 45], [0, 1, 1, 1, 1], 0)
 >>> regroup([100, 100, 100, 100, 100], [0, 1, 1, 1, 1])
 [100, 400]
+>>> common_groups([[0, 0, 1, 2], [0, 1, 1, 2]], bins=4)
+[0, 0, 0, 1]
+>>> onto([12, 5, 30], [0, 0, 1, 2], [0, 0, 0, 1])
+[17, 30]
+>>> expand([12, 30], [0, 0, 1])
+[6.0, 6.0, 30.0]
+>>> spread([13, 30], [0, 0, 0, 1])
+[5, 4, 4, 30]
 
 Zeroing small bins biases a histogram (a window of 100 rows loses every bin under the
 minimum, and a homogeneity test would read that as drift); :func:`coarsen` instead merges
 small bins (adjacent ones for ordered, numeric bins; all small categories together for
 categorical ones) until every reported count is at least the minimum, and says which
 original bins went into which group, so the reference can be compared on the same
-groups (:func:`regroup`).
+groups (:func:`regroup`). Sites coarsen their reference profiles the same way; histograms
+coarsened differently (two sites, or a window and the reference) are compared on their
+finest common grouping (:func:`common_groups`, :func:`onto`).
 """
 
 from __future__ import annotations
@@ -48,6 +58,10 @@ __all__ = [
     "bins_from_quantiles",
     "categorical_histogram",
     "coarsen",
+    "common_groups",
+    "expand",
+    "onto",
+    "spread",
     "regroup",
     "merge_sketches",
     "numeric_histogram",
@@ -175,34 +189,48 @@ def coarsen(counts: Sequence[int], min_count: int, *, ordered: bool) -> tuple[li
     Returns (group counts, the group of each original bin, rows suppressed). Ordered
     (numeric) bins merge with their neighbours, left to right, a short tail joining the
     group before it; unordered (categorical) bins under the minimum are pooled into one
-    group (which joins the largest group if it is itself too small). A feature with fewer
-    than ``min_count`` rows in all is suppressed entirely (one group, count 0)."""
+    group (which joins the largest group if it is itself too small). Empty bins keep groups
+    of their own where they can (0 is a permitted count; merging them would blur the
+    comparison for nothing). A feature with fewer than ``min_count`` rows in all is
+    suppressed entirely (one group, count 0)."""
     c = [int(x) for x in counts]
     total = sum(c)
     if total < min_count:
         return [0], [0] * len(c), total
     if ordered:
-        groups, sums, run = [], [], 0
+        groups, sums, run, full = [], [], 0, []
         for x in c:
             groups.append(len(sums))
+            if x == 0 and run == 0:  # an empty bin may stand alone: 0 is a permitted count
+                sums.append(0)
+                continue
             run += x
             if run >= min_count:
+                full.append(len(sums))
                 sums.append(run)
                 run = 0
-        last = len(sums) - 1  # a tail under the minimum (or of empty bins) joins the last full group
-        sums[last] += run
-        return sums, [min(g, last) for g in groups], 0
+        if run:  # a tail under the minimum joins the last full group, with the empty bins between
+            last = full[-1]
+            sums[last] += run
+            del sums[last + 1 :]
+            groups = [min(g, last) for g in groups]
+        return sums, groups, 0
     big = [i for i, x in enumerate(c) if x >= min_count]
-    small = [i for i, x in enumerate(c) if x < min_count]
+    small = [i for i, x in enumerate(c) if 0 < x < min_count]
+    empty = [i for i, x in enumerate(c) if x == 0]
     index = {b: k for k, b in enumerate(big)}
     sums = [c[b] for b in big]
     rest = sum(c[i] for i in small)
+    rest_group = -1
     if small and rest >= min_count:
         sums.append(rest)
         rest_group = len(sums) - 1
-    else:  # too few to stand alone (or none): they join the largest group
+    elif small:  # too few to stand alone: they join the largest group
         rest_group = max(range(len(sums)), key=lambda k: sums[k])
         sums[rest_group] += rest
+    for i in empty:
+        index[i] = len(sums)
+        sums.append(0)
     groups = [index.get(i, rest_group) for i in range(len(c))]
     return sums, groups, 0
 
@@ -214,4 +242,75 @@ def regroup(counts: Sequence[int], groups: Sequence[int]) -> list[int]:
     out = [0] * (max(groups) + 1 if groups else 0)
     for x, g in zip(counts, groups, strict=True):
         out[g] += int(x)
+    return out
+
+
+def common_groups(groupings: Sequence[Sequence[int] | None], bins: int) -> list[int]:
+    """The finest grouping of ``bins`` bins that every grouping in ``groupings`` refines
+    (None: ungrouped): two bins share a group if any grouping puts them together,
+    transitively. Groups are numbered by their first bin, so contiguous groups of ordered
+    bins stay in order."""
+    parent = list(range(bins))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for groups in groupings:
+        if groups is None:
+            continue
+        if len(groups) != bins:
+            raise ValueError(f"a grouping of {len(groups)} bins where {bins} were expected.")
+        first: dict[int, int] = {}
+        for i, g in enumerate(groups):
+            if g in first:
+                parent[find(i)] = find(first[g])
+            else:
+                first[g] = i
+    labels: dict[int, int] = {}
+    return [labels.setdefault(find(i), len(labels)) for i in range(bins)]
+
+
+def onto(counts: Sequence[int], groups: Sequence[int] | None, target: Sequence[int]) -> list[int]:
+    """Counts reported on ``groups`` (None: one count per bin) summed onto ``target``, a
+    grouping that ``groups`` refines (see :func:`common_groups`)."""
+    own = list(groups) if groups is not None else list(range(len(target)))
+    if len(own) != len(target):
+        raise ValueError(f"{len(own)} bins grouped, but the target grouping covers {len(target)}.")
+    out = [0] * (max(target) + 1 if target else 0)
+    done: set[int] = set()
+    for g, t in zip(own, target, strict=True):
+        if g not in done:
+            done.add(g)
+            out[t] += int(counts[g])
+    return out
+
+
+def expand(counts: Sequence[float], groups: Sequence[int] | None) -> list[float]:
+    """Per-bin counts from grouped ones, each group's count spread evenly over its bins
+    (an approximation for drawing values or reading a threshold, never for a test)."""
+    if groups is None:
+        return [float(c) for c in counts]
+    size = [0] * len(counts)
+    for g in groups:
+        size[g] += 1
+    return [float(counts[g]) / size[g] for g in groups]
+
+
+def spread(counts: Sequence[int], groups: Sequence[int] | None) -> list[int]:
+    """Per-bin whole counts from grouped ones: each group's count spread evenly over its
+    bins, remainders to its first bins, so totals are exact (how the coordinator sums
+    references that sites coarsened differently)."""
+    if groups is None:
+        return [int(c) for c in counts]
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    out = [0] * len(groups)
+    for g, bins in members.items():
+        q, r = divmod(int(counts[g]), len(bins))
+        for k, i in enumerate(bins):
+            out[i] = q + (1 if k < r else 0)
     return out

@@ -35,9 +35,10 @@ import re
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["grounded", "rank_causes", "release_vs_infrastructure", "summarize"]
+__all__ = ["grounded", "operational_causes", "rank_causes", "release_vs_infrastructure", "summarize"]
 
 _QUALITY = ("missing_spike", "out_of_range")
+_OPERATIONS = {"latency_rise": "latency_p99_ms", "error_rise": "error_rate"}
 
 
 def rank_causes(
@@ -45,9 +46,13 @@ def rank_causes(
     windows: Sequence[dict[str, Any]],
     *,
     instructed: str | None = None,
+    operational: Sequence[dict[str, Any]] = (),
 ) -> list[dict[str, Any]]:
     """Ranked causes from an incident's persistent ``findings`` and its recent
-    ``windows`` (each with ``id``, ``release``, optional ``attribution`` and ``findings``)."""
+    ``windows`` (each with ``id``, ``release``, optional ``attribution`` and ``findings``).
+    ``operational``: release/infrastructure causes of latency or error findings
+    (:func:`operational_causes`), ranked after the interventional ones and before
+    detection-only ones."""
     causes: list[dict[str, Any]] = []
     by_target: dict[str, list[dict[str, Any]]] = {}
     for f in findings:
@@ -81,7 +86,7 @@ def rank_causes(
             explained.add(name)
     detected = []
     for f in findings:
-        if f["target"] in explained or f["kind"] == "prediction_shift":
+        if f["target"] in explained or f["kind"] in ("prediction_shift", *_OPERATIONS):
             continue
         if f["kind"] == "performance_drop":
             kind, unit = "performance", "fall in accuracy on delayed labels"
@@ -108,7 +113,7 @@ def rank_causes(
         )
     causes.sort(key=lambda c: -c["effect"])
     detected.sort(key=lambda c: (c["p_value"], -c["effect"]))
-    out = causes + detected
+    out = causes + list(operational) + detected
     served = {w["release"] for w in windows}
     if instructed is not None and served - {instructed}:
         out.insert(
@@ -133,6 +138,10 @@ _ACTIONS = {
     "repaired",
     "performance": "retrain with the labelled recent data, or roll back to the previous release if a release "
     "change preceded the drop",
+    "infrastructure": "check the serving hosts, network and shared services behind {target} at {tenant}; the "
+    "change is not the model's, so neither a rollback nor retraining will fix it",
+    "release": "roll back {target} (`consortia rollout rollback`) and compare it with the previous release before "
+    "rolling it out again",
     "version_skew": "re-issue the assignment to the affected devices (`consortia edge assign`) and check their "
     "update logs",
 }
@@ -144,6 +153,8 @@ _MEASURE = {
     "missing_spike": "rate up by",
     "out_of_range": "rate up by",
     "performance_drop": "accuracy down by",
+    "latency_rise": "p99 up by a relative",
+    "error_rise": "error rate up by",
 }
 
 
@@ -165,6 +176,8 @@ def summarize(incident: dict[str, Any]) -> str:
         "missing_spike": f"{top_finding['target']} went missing more often",
         "out_of_range": f"{top_finding['target']} went out of its expected range more often",
         "performance_drop": "accuracy on delayed labels fell",
+        "latency_rise": "serving latency rose",
+        "error_rise": "serving errors rose",
     }.get(top_finding["kind"], top_finding["kind"])
     devices = ", ".join(impact.get("devices", [])) or "its devices"
     measure = _MEASURE.get(top_finding["kind"], "effect")
@@ -183,6 +196,13 @@ def summarize(incident: dict[str, Any]) -> str:
         why = (
             f"Top cause: {c['target']} ({c['kind'].replace('_', ' ')}): redrawing it from its reference removes "
             f"{_pct(c['effect'])} of the prediction shift (95% CI {_pct(c['ci'][0])} to {_pct(c['ci'][1])}) [{cite}]."
+        )
+    elif c["method"] == "difference-in-differences":
+        other = next((x for x in causes[1:] if x["method"] == c["method"]), None)
+        rest = f"; the other part, {other['kind']}, {other['effect']:.3g}" if other else ""
+        why = (
+            f"Top cause: {c['kind']} ({c['target']}): {c['unit']} {c['effect']:.3g} (95% CI {c['ci'][0]:.3g} to "
+            f"{c['ci'][1]:.3g}){rest}, by difference-in-differences around {c['evidence']['switch_at']} [{cite}]."
         )
     elif c["kind"] == "version_skew":
         why = f"Top cause: version skew: the device served {c['target']}, not the instructed release [{cite}]."
@@ -303,3 +323,78 @@ def release_vs_infrastructure(
         ],
         key=lambda c: -abs(c["effect"]),
     )
+
+
+def _latest_change(fleet: Sequence[dict[str, Any]]) -> tuple[str, str] | None:
+    """(release, first time it served) of the newest release to appear while another
+    was already serving within ``fleet``; None if nothing changed in view."""
+    first: dict[str, str] = {}
+    for w in fleet:
+        if w["release"] not in first or w["started_at"] < first[w["release"]]:
+            first[w["release"]] = w["started_at"]
+    earliest = min((w["ended_at"] for w in fleet), default=None)
+    changes = [(t, r) for r, t in first.items() if earliest is not None and t > earliest]
+    if not changes:
+        return None
+    at, release = max(changes)
+    return release, at
+
+
+def operational_causes(
+    findings: Sequence[dict[str, Any]],
+    fleet: Sequence[dict[str, Any]],
+    *,
+    tenant_id: int,
+    own_windows: Sequence[int] = (),
+) -> list[dict[str, Any]]:
+    """Release and infrastructure causes of an incident's latency or error findings.
+
+    ``fleet``: operational summaries of every recent window of the model's releases,
+    consortium-wide (``{"id", "device_id", "tenant_id", "release", "started_at",
+    "ended_at", "latency_p99_ms", "error_rate"}``). If a release reached part of the fleet
+    in view, :func:`release_vs_infrastructure` splits the metric's change at that moment
+    into the release's effect and the common (infrastructure) one; otherwise the
+    finding's own relative rise is an ``infrastructure`` cause with detection evidence
+    (``own_windows``). Other tenants' devices and windows appear only as counts."""
+    out: list[dict[str, Any]] = []
+    change = _latest_change(fleet)
+    for f in findings:
+        metric = _OPERATIONS.get(f["kind"])
+        if metric is None:
+            continue
+        split = None
+        if change is not None:
+            rows = [{**w, "device": w["device_id"]} for w in fleet]
+            split = release_vs_infrastructure(rows, metric, change[0], change[1])
+        if split is None:
+            out.append(
+                {
+                    "kind": "infrastructure",
+                    "target": metric,
+                    "effect": round(float(f["effect"]), 4),
+                    "ci": None,
+                    "unit": "rise against the devices' own earlier windows"
+                    + (" (relative)" if f["kind"] == "latency_rise" else ""),
+                    "method": "detection",
+                    "evidence": {"windows": list(own_windows), "finding": {k: f[k] for k in ("p_value", "effect")}},
+                }
+            )
+            continue
+        own = {w["id"] for w in fleet if w["tenant_id"] == tenant_id}
+        owners = {w["device_id"]: w["tenant_id"] for w in fleet}
+        for c in split:
+            ev = c["evidence"]
+            treated = ev["treated_devices"]
+            c["evidence"] = {
+                "windows": sorted(i for ids in ev["windows"].values() for i in ids if i in own),
+                "window_counts": {g: len(ids) for g, ids in ev["windows"].items()},
+                "devices": {
+                    "treated": len(treated),
+                    "control": len({w["device_id"] for w in fleet} - set(treated)),
+                    "treated_here": sum(1 for d in treated if owners.get(d) == tenant_id),
+                },
+                "means": {k: [round(x, 4) for x in v] for k, v in ev["means"].items()},
+                "switch_at": ev["switch_at"],
+            }
+            out.append(c)
+    return out

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from consortia.core.drift import chi_square, psi
+from consortia.core.profile import common_groups, expand, onto
 
 __all__ = ["MAX_P", "MIN_SHIFT", "attribute", "redraw"]
 
@@ -33,7 +34,7 @@ OTHER = "<other>"
 def redraw(spec: dict[str, Any], profile: dict[str, Any], n: int, rng: np.random.Generator) -> np.ndarray:
     """``n`` values drawn from a feature's reference profile on its agreed bins, shaped
     ``[n, 1]`` and typed as the release's input (float64 or object)."""
-    counts = np.asarray(profile["counts"], dtype=np.float64)
+    counts = np.asarray(expand(profile["counts"], profile.get("groups")), dtype=np.float64)
     missing = float(profile.get("missing", 0))
     total = counts.sum() + missing
     if total <= 0:
@@ -79,9 +80,15 @@ def attribute(
     scores = reference["profile"].get("scores") or {}
     if not scores:
         return None
-    ref_pred = np.sum([np.asarray(v) for v in scores.values()], axis=0)
-    bins = len(ref_pred)
-    current = _hist(score(feeds), bins)
+    groups = reference["profile"].get("score_groups") or {}
+    bins = len(next(iter(groups.values()))) if groups else len(next(iter(scores.values())))
+    target = common_groups([groups.get(k) for k in scores], bins)
+    ref_pred = np.sum([onto(v, groups.get(k), target) for k, v in scores.items()], axis=0)
+
+    def hist(probs: np.ndarray) -> list[int]:
+        return onto(_hist(probs, bins).tolist(), None, target)
+
+    current = hist(score(feeds))
     base = psi(current, ref_pred)
     if base < MIN_SHIFT or chi_square(current, ref_pred).p_value >= MAX_P:
         return None  # the predictions have not (detectably) moved: nothing to explain
@@ -96,7 +103,7 @@ def attribute(
         for _ in range(draws):
             trial = dict(feeds)
             trial[name] = redraw(spec, profile, n, rng)
-            shares.append((base - psi(_hist(score(trial), bins), ref_pred)) / base)
+            shares.append((base - psi(hist(score(trial)), ref_pred)) / base)
         mean = float(np.mean(shares))
         half = 1.96 * float(np.std(shares, ddof=1)) / math.sqrt(draws) if draws > 1 else 0.0
         out[name] = {"recovery": round(mean, 4), "ci": [round(mean - half, 4), round(mean + half, 4)]}

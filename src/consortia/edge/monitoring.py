@@ -46,7 +46,11 @@ def load_reference(release: Any) -> dict[str, Any] | None:
     if len(files) < 2:
         return None
     ref = json.loads(files["reference"].read_text())
-    profile = {**ref["profile"], "scores": release.manifest.get("reference_scores") or {}}
+    profile = {
+        **ref["profile"],
+        "scores": release.manifest.get("reference_scores") or {},
+        "score_groups": release.manifest.get("reference_score_groups") or {},
+    }
     return {"bins": json.loads(files["bins"].read_text())["bins"], "sites": ref.get("sites", []), "profile": profile}
 
 

@@ -349,11 +349,23 @@ class FeatureProfile(_Strict):
 class ReferenceProfile(_Strict):
     """A site's (or the consortium's) reference for monitoring: every feature of its
     training split on the agreed bins, and the final model's score histograms per class
-    on its test split. Only histograms with suppressed small bins."""
+    on its test split. What leaves a site is coarsened: small bins merged into groups of
+    at least the site's minimum count (``groups``, ``score_groups``)."""
 
     rows: int = Field(ge=0)
     features: dict[str, FeatureProfile]
     scores: dict[Literal["negative", "positive"], list[int]] = Field(default_factory=dict)
+    score_groups: dict[Literal["negative", "positive"], list[int]] = Field(
+        default_factory=dict, description="coarsened: the group (index into scores[cls]) of each score bin"
+    )
+
+    @model_validator(mode="after")
+    def _score_groups_cover_scores(self) -> ReferenceProfile:
+        for cls, groups in self.score_groups.items():
+            hist = self.scores.get(cls)
+            if hist is None or any(g < 0 for g in groups) or sorted(set(groups)) != list(range(len(hist))):
+                raise ValueError(f"score_groups[{cls!r}] must map every score bin to one of scores[{cls!r}]")
+        return self
 
 
 class TaskResultPublic(_Strict):

@@ -5,9 +5,9 @@ agreed at round 0 (numeric: the consortium's deciles; categorical: the agreed vo
 plus one bin for anything else), with missing and out-of-range counts, and the final
 model's score histograms per class on its test split. It keeps the full-resolution
 profile in ``HOME/references/job-<id>.json`` (its own reference, for comparing its own
-traffic later) and sends a copy with every bin under its minimum count zeroed
-(:func:`consortia.core.profile.suppress`); the coordinator sums those into the global
-reference that ships inside the release.
+traffic later) and sends a copy coarsened so every count is at least its minimum count
+(:func:`suppressed`); the coordinator sums those on their common grouping into the
+global reference that ships inside the release.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from consortia.core.profile import categorical_histogram, numeric_histogram, suppress
+from consortia.core.profile import categorical_histogram, coarsen, numeric_histogram, suppress
 from consortia.ml.data import MISSING
 from consortia.protocol.schemas import FeatureProfile, JobSpec, PreprocessingPlan, ReferenceProfile
 
@@ -53,19 +53,31 @@ def build_reference(
     return ReferenceProfile(rows=len(train), features=features, scores=scores)
 
 
-def suppressed(ref: ReferenceProfile, min_count: int) -> ReferenceProfile:
-    """What may leave the site: every count (bins, missing, out of range, score bins)
-    under ``min_count`` zeroed, with the number of rows zeroed per feature."""
+def suppressed(ref: ReferenceProfile, min_count: int, plan: PreprocessingPlan) -> ReferenceProfile:
+    """What may leave the site: every histogram coarsened so that each reported count is
+    0 or at least ``min_count`` (:func:`consortia.core.profile.coarsen`: adjacent bins
+    merged for numeric features and scores, small categories pooled), missing and
+    out-of-range counts under the minimum zeroed. Zeroing the bins instead would bias the
+    reference (its tails would vanish) and make ordinary traffic look drifted."""
     features = {}
     for name, fp in ref.features.items():
-        counts, dropped = suppress(fp.counts, min_count)
+        counts, groups, dropped = coarsen(fp.counts, min_count, ordered=name in plan.numeric)
         (missing,), d_missing = suppress([fp.missing], min_count)
         (oor,), _ = suppress([fp.out_of_range], min_count)  # a subset of the bins: counted there
         features[name] = FeatureProfile(
-            counts=counts, missing=missing, out_of_range=oor, suppressed=fp.suppressed + dropped + d_missing
+            counts=counts,
+            groups=None if groups == list(range(len(fp.counts))) else groups,
+            missing=missing,
+            out_of_range=oor,
+            suppressed=fp.suppressed + dropped + d_missing,
         )
-    scores = {k: suppress(v, min_count)[0] for k, v in ref.scores.items()}
-    return ReferenceProfile(rows=ref.rows, features=features, scores=scores)
+    scores, score_groups = {}, {}
+    for cls, hist in ref.scores.items():
+        counts, groups, _ = coarsen(hist, min_count, ordered=True)
+        scores[cls] = counts
+        if groups != list(range(len(hist))):
+            score_groups[cls] = groups
+    return ReferenceProfile(rows=ref.rows, features=features, scores=scores, score_groups=score_groups)
 
 
 def write_reference(home: Path, job_id: int, ref: ReferenceProfile) -> Path:

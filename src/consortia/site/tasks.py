@@ -177,7 +177,7 @@ def handle_evaluate(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
         TaskResultPublic(
             evaluation=evaluation,
             fingerprint=fingerprint(rows, spec),
-            reference=suppressed(reference, ctx.policy.min_count),
+            reference=suppressed(reference, ctx.policy.min_count, plan),
         ),
     )
 

@@ -208,6 +208,50 @@ class DeliveryStore(GovernanceStore):
             )
             return [{"id": w.id, "device_id": w.device_id, "rows": w.rows, **w.payload} for w in s.scalars(q)]
 
+    def device_windows(self, device_id: int, before: int, limit: int) -> list[dict[str, Any]]:
+        """The device's ``limit`` windows stored before window ``before``, newest first
+        (any release): its own baseline for latency and errors."""
+        with self._tx() as s:
+            q = (
+                select(MonitoringWindowRow)
+                .where(MonitoringWindowRow.device_id == device_id, MonitoringWindowRow.id < before)
+                .order_by(MonitoringWindowRow.id.desc())
+                .limit(limit)
+            )
+            return [{"id": w.id, "device_id": w.device_id, "rows": w.rows, **w.payload} for w in s.scalars(q)]
+
+    def model_windows(self, model: str, since: datetime, limit: int = 5000) -> list[dict[str, Any]]:
+        """Operational summaries of every window of any release of ``model`` that ended
+        after ``since``, consortium-wide, oldest first: ``{"id", "device_id", "tenant_id",
+        "release", "started_at", "ended_at", "latency_p99_ms", "error_rate"}``. For
+        comparisons across cohorts only; callers redact other tenants' identities."""
+        with self._tx() as s:
+            q = (
+                select(MonitoringWindowRow)
+                .where(MonitoringWindowRow.release.like(f"{model}:%"), MonitoringWindowRow.ended_at >= since)
+                .order_by(MonitoringWindowRow.id.desc())
+                .limit(limit)
+            )
+            out = []
+            for w in s.scalars(q):
+                if w.release.rpartition(":")[0] != model:
+                    continue  # LIKE's wildcards may match more than the model's name
+                p99 = (w.payload.get("latency") or {}).get("p99")
+                calls = int(w.payload.get("requests", 0)) + int(w.payload.get("errors", 0))
+                out.append(
+                    {
+                        "id": w.id,
+                        "device_id": w.device_id,
+                        "tenant_id": w.tenant_id,
+                        "release": w.release,
+                        "started_at": w.started_at.isoformat(),
+                        "ended_at": w.ended_at.isoformat(),
+                        "latency_p99_ms": None if p99 is None else 1000.0 * float(p99),
+                        "error_rate": int(w.payload.get("errors", 0)) / calls if calls else None,
+                    }
+                )
+            return out[::-1]
+
     def release_rows(self, release: str, since: datetime) -> dict[int, int]:
         """Rows served per tenant in windows of ``release`` ending after ``since``."""
         with self._tx() as s:

@@ -8,6 +8,12 @@ the window's tests, minimum effects). A finding opens an incident only if the sa
 :data:`LOOKBACK` windows of that release: one noisy window is not an incident. One
 incident stays open per (tenant, release) and is updated as windows arrive.
 
+Latency and errors are compared with the device's own earlier windows
+(:func:`consortia.core.detect.check_operations`); when such a finding persists, its
+causes are split between the most recent release change in the fleet and the
+infrastructure by difference-in-differences across every device serving the model
+(:func:`consortia.core.rca.operational_causes`; other tenants appear as counts only).
+
 Impact: the tenant, whether it is regulated, the devices whose windows showed it, and
 the share of the release's traffic (rows in the last hour, consortium-wide) those
 windows carried. Priority: ``P1`` a regulated tenant whose model output moved
@@ -28,19 +34,23 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from consortia.core.detect import check_window
-from consortia.core.rca import grounded, rank_causes, summarize
+from consortia.core.detect import check_operations, check_window
+from consortia.core.rca import grounded, operational_causes, rank_causes, summarize
 from consortia.errors import PermissionDeniedError
 from consortia.protocol.delivery import MonitoringWindow
 from consortia.store.entities import Device, Principal, utcnow
 from consortia.store.sqlstore import SqlStore
 
-__all__ = ["LOOKBACK", "PERSIST", "MonitoringService"]
+__all__ = ["BASELINE", "FLEET_HORIZON", "LOOKBACK", "PERSIST", "MonitoringService"]
 
 log = logging.getLogger("consortia.coordinator.monitoring")
 
 PERSIST = 2
 LOOKBACK = 3
+BASELINE = 10
+"""Earlier windows of the same device that latency and errors are compared with."""
+FLEET_HORIZON = timedelta(hours=2)
+"""How far back the release-vs-infrastructure comparison looks across the fleet."""
 
 
 class MonitoringService:
@@ -55,9 +65,11 @@ class MonitoringService:
         model, _, version = window.release.rpartition(":")
         lineage = self.store.get_version(model, int(version)).lineage
         reference = (lineage.get("reference") or {}).get("profile")
-        if reference is None:
-            return []  # a release without a reference profile: nothing to compare with
-        findings = [f.as_dict() for f in check_window(window.model_dump(mode="json"), reference)]
+        payload = window.model_dump(mode="json")
+        # a release without a reference profile: only latency and errors can be checked
+        findings = [f.as_dict() for f in check_window(payload, reference)] if reference is not None else []
+        baseline = self.store.device_windows(device.id, window_id, BASELINE)
+        findings += [f.as_dict() for f in check_operations(payload, baseline)]
         self.store.set_window_findings(window_id, findings)
         recent = self.store.recent_windows(device.tenant_id, window.release, LOOKBACK)
         persistent = _persistent(recent)
@@ -65,7 +77,12 @@ class MonitoringService:
             impact, priority = self._impact(device, window.release, recent, persistent)
             told = ((device.instruction or {}).get("instruction") or {}).get("release")
             instructed = f"{told['model']}:{told['version']}" if told else None
-            causes = rank_causes(persistent, recent, instructed=instructed)
+            operational: list[dict[str, Any]] = []
+            if any(f["kind"] in ("latency_rise", "error_rise") for f in persistent):
+                fleet = self.store.model_windows(model, utcnow() - FLEET_HORIZON)
+                own = [w["id"] for w in recent if w.get("findings")]
+                operational = operational_causes(persistent, fleet, tenant_id=device.tenant_id, own_windows=own)
+            causes = rank_causes(persistent, recent, instructed=instructed, operational=operational)
             summary = summarize(
                 {
                     "tenant": device.tenant,

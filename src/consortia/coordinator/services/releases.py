@@ -83,6 +83,7 @@ def write_bundle(root: Path, v: ModelVersion, params: dict[str, np.ndarray], thr
     expected = predict(recipe, options, params, transform(pd.DataFrame(sample), plan))
     parts.append(_part(root, "sample", "sample.json", _dump(sample)))
     reference_scores: dict[str, Any] = {}
+    reference_score_groups: dict[str, Any] = {}
     if lin.get("reference"):  # what serving agents compare their traffic with (monitoring)
         bins = {
             f["name"]: (
@@ -96,8 +97,9 @@ def write_bundle(root: Path, v: ModelVersion, params: dict[str, np.ndarray], thr
         # histograms with every model: three places, so a retrain or an adapter moves only
         # what changed (the scores ride in the manifest)
         parts.append(_part(root, "bins", "bins.json", _dump({"format": "consortia-bins/1", "bins": bins})))
-        profile = {k: v for k, v in lin["reference"]["profile"].items() if k != "scores"}
+        profile = {k: v for k, v in lin["reference"]["profile"].items() if k not in ("scores", "score_groups")}
         reference_scores = lin["reference"]["profile"].get("scores", {})
+        reference_score_groups = lin["reference"]["profile"].get("score_groups", {})
         reference = {"format": "consortia-reference/1", "sites": lin["reference"]["sites"], "profile": profile}
         parts.append(_part(root, "reference", "reference.json", _dump(reference)))
     card = model_card(v)
@@ -118,6 +120,7 @@ def write_bundle(root: Path, v: ModelVersion, params: dict[str, np.ndarray], thr
         "index": None,  # slot for a vector-index snapshot (a later release kind fills it)
         "sample": {"expected": [float(x) for x in expected], "tolerance": 1e-5},
         "reference_scores": reference_scores,  # the model's test scores per class (monitoring reference)
+        "reference_score_groups": reference_score_groups,  # their coarsening, if any
         "parts": parts,
     }
     # compact: the manifest is the one file every update moves

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from consortia.core.metrics import SCORE_BINS, auc_from_histograms, fairness_from_groups
+from consortia.core.profile import spread
 from consortia.errors import UpdateError, ValidationError
 from consortia.protocol.schemas import (
     DataFingerprint,
@@ -137,22 +138,30 @@ def check_reference(ref: ReferenceProfile, spec: JobSpec, plan: PreprocessingPla
         )
     for name, fp in ref.features.items():
         want = len(plan.cuts.get(name, [])) + 1 if name in plan.numeric else len(plan.categorical[name]) + 1
-        if len(fp.counts) != want:
-            raise ValidationError(f"reference of {name!r} has {len(fp.counts)} bins; the agreed bins are {want}.")
+        if fp.bins != want:
+            raise ValidationError(f"reference of {name!r} covers {fp.bins} bins; the agreed bins are {want}.")
         if sum(fp.counts) + fp.missing > ref.rows:
             raise ValidationError(f"reference of {name!r} counts more rows than the profile's {ref.rows}.")
     for cls, hist in ref.scores.items():
-        if len(hist) != REFERENCE_SCORE_BINS or any(c < 0 for c in hist):
-            raise ValidationError(f"reference score histogram {cls!r} must have {REFERENCE_SCORE_BINS} counts >= 0.")
+        groups = ref.score_groups.get(cls)
+        bins = len(groups) if groups is not None else len(hist)
+        if bins != REFERENCE_SCORE_BINS or any(c < 0 for c in hist):
+            raise ValidationError(
+                f"reference score histogram {cls!r} must cover {REFERENCE_SCORE_BINS} bins with counts >= 0."
+            )
 
 
 def merge_references(refs: list[ReferenceProfile]) -> ReferenceProfile:
-    """The global reference: the sites' (suppressed) histograms summed bin by bin."""
+    """The global reference: the sites' coarsened histograms summed bin by bin, each
+    site's merged bins spread evenly over their members first
+    (:func:`consortia.core.profile.spread`). Exact on the sites' common grouping; within
+    a merged group of small bins the shape is approximated (mass that zeroing would have
+    dropped, biasing the reference's tails)."""
     features: dict[str, FeatureProfile] = {}
     for name in refs[0].features:
         fps = [r.features[name] for r in refs]
         features[name] = FeatureProfile(
-            counts=[int(x) for x in np.sum([fp.counts for fp in fps], axis=0)],
+            counts=[int(x) for x in np.sum([spread(fp.counts, fp.groups) for fp in fps], axis=0)],
             missing=sum(fp.missing for fp in fps),
             out_of_range=sum(fp.out_of_range for fp in fps),
             suppressed=sum(fp.suppressed for fp in fps),
@@ -160,5 +169,6 @@ def merge_references(refs: list[ReferenceProfile]) -> ReferenceProfile:
     scores: dict[str, list[int]] = {}
     for r in refs:
         for cls, hist in r.scores.items():
-            scores[cls] = [a + b for a, b in zip(scores.get(cls, [0] * len(hist)), hist, strict=True)]
+            per_bin = spread(hist, r.score_groups.get(cls))
+            scores[cls] = [a + b for a, b in zip(scores.get(cls, [0] * len(per_bin)), per_bin, strict=True)]
     return ReferenceProfile.model_validate({"rows": sum(r.rows for r in refs), "features": features, "scores": scores})
