@@ -12,6 +12,7 @@ import numpy as np
 import pandas as pd
 from fastapi.testclient import TestClient
 
+from consortia.edge.monitoring import MISSING, WindowMonitor
 from consortia.site.client import CoordinatorClient
 from consortia.site.tasks import SiteContext, dispatch
 
@@ -137,3 +138,31 @@ def synthetic_release(directory: Path, version: int, seed: int, model: str = "te
     out.mkdir(parents=True)
     write_bundle(out, v, init_params("logistic_regression", plan.input_dim, {}, seed))
     return out
+
+
+def enroll_device(coord, tenant: str, name: str) -> str:
+    """Enroll a device under ``tenant``; its bearer credential."""
+    token = coord.admin.post_json(f"/v1/tenants/{tenant}/device-enrollment-tokens", {})["token"]
+    resp = coord.http.post("/v1/devices/enroll", json={"enrollment_token": token, "device_name": name, "labels": {}})
+    assert resp.status_code in (200, 201), resp.text
+    return resp.json()["credential"]
+
+
+def serving_windows(release, reference, frame, rows=300, n=1):
+    """Windows as the device's serving agent makes them: the real release scores the rows
+    and re-scores its own sample for attribution."""
+    m = WindowMonitor(
+        release.ref,
+        reference["bins"],
+        min_count=10,
+        max_rows=rows,
+        max_seconds=1e9,
+        scorer=release.predict,
+        reference=reference,
+    )
+    for k in range(n):
+        part = frame.iloc[k * rows : (k + 1) * rows]
+        feeds = {c: part[c].to_numpy(np.float64).reshape(-1, 1) for c in ("x1", "x2")}
+        feeds["cat"] = part["cat"].astype("string").fillna(MISSING).to_numpy(object).reshape(-1, 1)
+        m.observe(feeds, release.predict(feeds), 0.001)
+    return m.drain()

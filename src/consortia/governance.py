@@ -21,6 +21,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from consortia.core.audit import AuditVerdict, head_message, verify_entries
 from consortia.core.merkle import verify_inclusion
 from consortia.errors import ValidationError
+from consortia.protocol.automation import automation_approval_message, new_automation_approval
 from consortia.protocol.governance import ApprovalRequest, approval_message, new_approval
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "keygen",
     "load_private_key",
     "sign_approval",
+    "sign_automation_approval",
     "verify_audit",
     "verify_proof",
 ]
@@ -184,3 +186,17 @@ def verify_release(directory: Path, signature: Path, public_key: Path) -> None:
         model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(directory, signature)
     except Exception as exc:  # the package raises ValueError and friends
         raise ValidationError(f"release signature does not verify: {exc}") from exc
+
+
+def sign_automation_approval(
+    client: Any, key: Ed25519PrivateKey, run_id: int, decision: str = "approve"
+) -> ApprovalRequest:
+    """Build and sign a gate decision on automation run ``run_id`` as the caller's tenant,
+    over the run's policy revision digest."""
+    me = client.get_json("/v1/whoami")
+    if not me.get("tenant"):
+        raise ValidationError("gate approvals are per tenant: use an approver credential scoped to your tenant.")
+    run = client.get_json(f"/v1/automation/runs/{run_id}")
+    payload = new_automation_approval(run=run, decision=decision, tenant=me["tenant"])
+    signature = key.sign(automation_approval_message(payload)).hex()
+    return ApprovalRequest(payload=payload.model_dump(mode="json"), signature=signature)

@@ -5,41 +5,15 @@ audited resolution."""
 
 from __future__ import annotations
 
-import httpx
 import numpy as np
 import pytest
 from fastapi import Request
 
-from consortia.edge.monitoring import MISSING, WindowMonitor, load_reference
+from consortia.edge.monitoring import load_reference
 from consortia.edge.runtime import load_release
 from support import SPEC, synthetic_frame
-
-
-def _device(coord, tenant: str, name: str) -> httpx.Client:
-    token = coord.admin.post_json(f"/v1/tenants/{tenant}/device-enrollment-tokens", {})["token"]
-    resp = coord.http.post("/v1/devices/enroll", json={"enrollment_token": token, "device_name": name, "labels": {}})
-    assert resp.status_code in (200, 201), resp.text
-    return resp.json()["credential"]
-
-
-def _windows(release, reference, frame, rows=300, n=1):
-    """Windows as the device's serving agent makes them: the real release scores the rows
-    and re-scores its own sample for attribution."""
-    m = WindowMonitor(
-        release.ref,
-        reference["bins"],
-        min_count=10,
-        max_rows=rows,
-        max_seconds=1e9,
-        scorer=release.predict,
-        reference=reference,
-    )
-    for k in range(n):
-        part = frame.iloc[k * rows : (k + 1) * rows]
-        feeds = {c: part[c].to_numpy(np.float64).reshape(-1, 1) for c in ("x1", "x2")}
-        feeds["cat"] = part["cat"].astype("string").fillna(MISSING).to_numpy(object).reshape(-1, 1)
-        m.observe(feeds, release.predict(feeds), 0.001)
-    return m.drain()
+from support import enroll_device as _device
+from support import serving_windows as _windows
 
 
 def _open_incident(coord, tmp_path) -> int:

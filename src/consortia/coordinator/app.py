@@ -18,11 +18,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from consortia import __version__
+from consortia.coordinator.api import automation as automation_api
 from consortia.coordinator.api import devices as devices_api
 from consortia.coordinator.api import jobs, registry, tasks, tenants
 from consortia.coordinator.api import monitoring as monitoring_api
 from consortia.coordinator.keys import CoordinatorKeys
 from consortia.coordinator.metrics import StateCollector
+from consortia.coordinator.services.automation import AutomationService
 from consortia.coordinator.services.devices import DeviceService
 from consortia.coordinator.services.governance import GovernanceService
 from consortia.coordinator.services.monitoring import MonitoringService
@@ -72,6 +74,8 @@ def create_app(settings: Settings) -> FastAPI:
     monitoring = MonitoringService(store, settings.llm_url, settings.llm_model)
     device_service.monitor = monitoring.on_window
     rollout_service = RolloutService(store, device_service, governance)
+    automation = AutomationService(store, rounds, rollout_service, governance)
+    monitoring.on_incident = automation.on_incident
     token = tenant_service.ensure_admin()
     if token is not None:
         write_admin_credential(settings.admin_credential_path, token)
@@ -102,6 +106,7 @@ def create_app(settings: Settings) -> FastAPI:
                         tuf.refresh_timestamp()  # devices must never see it lapse while we run
                     await rounds.tick()
                     rollout_service.tick()
+                    automation.tick()
                 except ConsortiaError as exc:
                     log.warning("round tick: %s", exc.message)
                 except Exception:
@@ -134,6 +139,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.state.devices = device_service
     app.state.rollouts = rollout_service
     app.state.monitoring = monitoring
+    app.state.automation = automation
 
     @app.exception_handler(ConsortiaError)
     async def _consortia_error(request: Request, exc: ConsortiaError) -> JSONResponse:
@@ -180,4 +186,5 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(registry.router)
     app.include_router(devices_api.router)
     app.include_router(monitoring_api.router)
+    app.include_router(automation_api.router)
     return app

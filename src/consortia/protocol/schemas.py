@@ -193,6 +193,11 @@ class JobSpec(_Strict):
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
     tenants: list[str] | None = Field(default=None, description="restrict to these tenants")
     adapter: AdapterSpec | None = Field(default=None, description="set by `consortia adapt`, not written by hand")
+    warm_start: str | None = Field(
+        default=None,
+        pattern=r"^[A-Za-z0-9_.-]{1,63}:[1-9][0-9]{0,8}$",
+        description="set by a retraining: the released version whose weights and preprocessing it starts from",
+    )
 
     @field_validator("split")
     @classmethod

@@ -252,6 +252,23 @@ class DeliveryStore(GovernanceStore):
                 )
             return out[::-1]
 
+    def labelled_since(self, model: str, since: datetime) -> dict[str, int]:
+        """Delayed labels received per tenant on windows of ``model``'s releases since ``since``."""
+        with self._tx() as s:
+            q = (
+                select(MonitoringWindowRow, TenantRow.name)
+                .join(TenantRow, TenantRow.id == MonitoringWindowRow.tenant_id)
+                .where(MonitoringWindowRow.release.like(f"{model}:%"), MonitoringWindowRow.received_at >= since)
+            )
+            out: dict[str, int] = {}
+            for w, tenant in s.execute(q):
+                if w.release.rpartition(":")[0] != model:
+                    continue
+                n = int((w.payload.get("label_counts") or {}).get("labelled", 0))
+                if n:
+                    out[tenant] = out.get(tenant, 0) + n
+            return out
+
     def release_rows(self, release: str, since: datetime) -> dict[int, int]:
         """Rows served per tenant in windows of ``release`` ending after ``since``."""
         with self._tx() as s:

@@ -10,7 +10,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from consortia.errors import AuthError, ConflictError, NotFoundError
-from consortia.store.delivery import DeliveryStore
+from consortia.store.automation import AutomationStore
 from consortia.store.entities import Principal, Site, Tenant, utcnow
 from consortia.store.models import CredentialRow, EnrollmentTokenRow, SiteRow, TenantRow
 
@@ -21,7 +21,7 @@ def _tenant(r: TenantRow) -> Tenant:
     return Tenant(r.id, r.name, r.regulated, r.created_at)
 
 
-class IdentityStore(DeliveryStore):
+class IdentityStore(AutomationStore):
     """Tenants, sites and credentials; expects ``_tx()`` and ``_sign`` like its base."""
 
     # ------------------------------------------------------------------ tenants and sites

@@ -375,3 +375,36 @@ class IncidentRow(Base):
     opened_at: Mapped[datetime]
     updated_at: Mapped[datetime]
     resolved_at: Mapped[datetime | None]
+
+
+class AutomationPolicyRow(Base):
+    """One revision of an automation policy (YAML document as applied, and its digest)."""
+
+    __tablename__ = "automation_policies"
+    __table_args__ = (UniqueConstraint("name", "revision", name="uq_automation_policy_revision"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), index=True)
+    model: Mapped[str] = mapped_column(String(63), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    document: Mapped[dict[str, Any]]
+    digest: Mapped[str] = mapped_column(String(64))
+    created_by: Mapped[str] = mapped_column(String(200))
+    created_by_id: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime]
+
+
+class AutomationRunRow(Base):
+    """One pass of a policy's loop: detect -> decide -> act -> validate, each step a
+    dict in ``steps`` (also written to the audit log)."""
+
+    __tablename__ = "automation_runs"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    policy: Mapped[str] = mapped_column(String(63), index=True)
+    revision: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(63), index=True)
+    state: Mapped[str] = mapped_column(String(24), index=True)
+    trigger: Mapped[dict[str, Any]]
+    tenants: Mapped[dict[str, Any]]
+    steps: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]

@@ -31,12 +31,13 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
 from consortia.core.detect import check_operations, check_window
 from consortia.core.rca import grounded, operational_causes, rank_causes, summarize
-from consortia.errors import PermissionDeniedError
+from consortia.errors import ConsortiaError, PermissionDeniedError
 from consortia.protocol.delivery import MonitoringWindow
 from consortia.store.entities import Device, Principal, utcnow
 from consortia.store.sqlstore import SqlStore
@@ -59,6 +60,8 @@ class MonitoringService:
         self.llm_url = llm_url.rstrip("/") if llm_url else None
         self.llm_model = llm_model
         self._phrased: dict[tuple[int, str], dict[str, Any]] = {}
+        self.on_incident: Callable[[dict[str, Any]], None] | None = None
+        """Called with every opened or updated incident (the automation policies' triggers)."""
 
     def on_window(self, device: Device, window_id: int, window: MonitoringWindow) -> list[dict[str, Any]]:
         """Check one stored window; open or update the tenant's incident if findings persist."""
@@ -95,6 +98,11 @@ class MonitoringService:
             incident, opened = self.store.upsert_incident(
                 device.tenant_id, window.release, persistent, impact, priority, causes, summary
             )
+            if self.on_incident is not None:
+                try:
+                    self.on_incident(incident)
+                except ConsortiaError as exc:  # a policy that cannot act must not lose the window
+                    log.warning("automation on incident %s: %s", incident["id"], exc.message)
             if opened:
                 top = persistent[0]
                 log.warning(

@@ -260,6 +260,44 @@ class RoundService:
         )
         return self.store.get_job(job.id)
 
+    def submit_retrain(self, base_ref: str, principal: Principal, rounds: int | None = None) -> Job:
+        """Federated retraining of a released version under its own job spec, warm-started
+        from its weights and its preprocessing plan (agreed bins, vocabularies and model
+        shape stay), on the sites' current data. The finished job registers the next
+        version of the same model, its lineage naming the version it started from."""
+        model, _, version = base_ref.rpartition(":")
+        base = self.store.get_version(model, int(version))
+        if base.release_digest is None:
+            raise ConflictError(f"{base.ref} has no signed release yet; retrain from a released version.")
+        if "job" not in base.lineage or not base.lineage.get("preprocessing"):
+            raise ConflictError(f"{base.ref} has no training lineage to retrain from.")
+        raw = dict(base.lineage["job"]["spec"])
+        if raw.get("adapter"):
+            raise ConflictError(f"{base.ref} is a composite (base + adapter); retrain its base instead.")
+        raw["warm_start"] = base.ref
+        if rounds is not None:
+            raw["rounds"] = rounds
+        spec = parse_spec(raw)
+        sites = self._eligible(spec)
+        if len(sites) < spec.min_sites:
+            raise ConflictError(
+                f"retraining {base.ref} needs {spec.min_sites} active sites; {len(sites)} are enrolled and active."
+            )
+        canonical = spec.model_dump(mode="json")
+        spec_hash = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
+        job = self.store.create_job(spec.name, canonical, spec_hash, principal.credential_id, principal.name)
+        self.store.add_event(job.id, "retrain_started", {"warm_start": base.ref, "rounds": spec.rounds})
+        self._open(
+            job.id,
+            spec,
+            1,
+            0,
+            "train",
+            base.params_hash,
+            job_fields={"preprocessing": base.lineage["preprocessing"], "global_hash": base.params_hash},
+        )
+        return self.store.get_job(job.id)
+
     def recover(self, grace_fraction: float) -> None:
         """After a restart: give open rounds back part of their deadline, since sites could
         not report while the coordinator was down."""
