@@ -202,3 +202,30 @@ def test_latency_that_rises_fleet_wide_as_a_canary_starts_is_blamed_on_infrastru
     assert "bank-b" not in str(canary["causes"]) and "bank-b" not in canary["summary"]
     assert "Top cause: infrastructure (latency_p99_ms)" in canary["summary"]
     assert "neither a rollback nor retraining" in canary["summary"]
+
+
+def test_a_region_is_judged_against_its_own_population(coord, tmp_path):
+    """Bank b's customers differ from the consortium's mix (x1 shifted by 1.5): its own
+    traffic opens nothing at b, whose windows are compared with b's own training
+    reference, while the same traffic at a tenant without a site in the job (compared
+    with the consortium's reference) is drift."""
+    sites = [
+        coord.site("a", frame=synthetic_frame(600, 1), tmp=tmp_path),
+        coord.site("b", frame=synthetic_frame(600, 2, shift=1.5), tmp=tmp_path),
+    ]
+    job = coord.wait_job(coord.admin.post_json("/v1/jobs", SPEC)["id"], sites)
+    assert job["state"] == "completed", job["reason"]
+    v = coord.http.app.state.store.get_version("test-job", 1)
+    assert sorted(v.lineage["reference"]["per_tenant"]) == ["a", "b"]
+    release = load_release(coord.http.app.state.governance.releases.paths(v)[0])
+    coord.admin.post_json("/v1/tenants", {"name": "newcomer", "regulated": False})
+    traffic = _windows(release, load_reference(release), synthetic_frame(900, 77, shift=1.5), n=3)
+    for tenant in ("b", "newcomer"):
+        cred = _device(coord, tenant, f"pos-{tenant}")
+        coord.admin.post_json("/v1/devices/assign", {"model": "test-job", "version": 1, "tenant": tenant})
+        for w in traffic:
+            resp = coord.http.post("/v1/devices/me/monitoring", json=w, headers={"Authorization": f"Bearer {cred}"})
+            assert resp.status_code == 201, resp.text
+    (incident,) = coord.admin.get_json("/v1/incidents")
+    assert incident["tenant"] == "newcomer"
+    assert ("covariate_drift", "x1") in {(f["kind"], f["target"]) for f in incident["findings"]}

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
 from consortia.cli import serving
+from consortia.cli.automation import automation_app
 from consortia.cli.common import DEFAULT_URL, CoordinatorOpt, HomeOpt, TokenOpt, console, err
 from consortia.cli.common import client as _client
 from consortia.cli.edge import edge_app, rollout_app
@@ -46,6 +47,7 @@ app.add_typer(export_app, name="export")
 app.add_typer(edge_app, name="edge")
 app.add_typer(rollout_app, name="rollout")
 app.add_typer(incidents_app, name="incidents")
+app.add_typer(automation_app, name="automation")
 app.command("predict")(serving.predict)
 app.command("serve")(serving.serve)
 

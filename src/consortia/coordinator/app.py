@@ -71,7 +71,7 @@ def create_app(settings: Settings) -> FastAPI:
     rounds.on_registered = governance.ensure_release
     device_service = DeviceService(store, keys, tuf, settings)
     device_service.publish = lambda model, version: governance.sync_tuf({(model, version)})
-    monitoring = MonitoringService(store, settings.llm_url, settings.llm_model)
+    monitoring = MonitoringService(store, settings.llm_url, settings.llm_model, blobs)
     device_service.monitor = monitoring.on_window
     rollout_service = RolloutService(store, device_service, governance)
     automation = AutomationService(store, rounds, rollout_service, governance)

@@ -1,7 +1,8 @@
 """Monitoring at the coordinator: findings per window, incidents when they persist.
 
-Every window a serving agent sends is checked against the global reference profile of
-its release (``lineage.reference``, the sites' suppressed training histograms summed) by
+Every window a serving agent sends is checked against its tenant's own reference profile
+(the training histograms of the tenant's sites in the job, ``lineage.reference.per_tenant``;
+the consortium's sum, ``lineage.reference.profile``, for a tenant without sites in it) by
 :func:`consortia.core.detect.check_window` (chi-square and two-proportion tests, BH over
 the window's tests, minimum effects). A finding opens an incident only if the same
 ``(kind, target)`` is found in at least :data:`PERSIST` of the tenant's last
@@ -39,6 +40,7 @@ from consortia.core.detect import check_operations, check_window
 from consortia.core.rca import grounded, operational_causes, rank_causes, summarize
 from consortia.errors import ConsortiaError, PermissionDeniedError
 from consortia.protocol.delivery import MonitoringWindow
+from consortia.store.blobs import BlobStore
 from consortia.store.entities import Device, Principal, utcnow
 from consortia.store.sqlstore import SqlStore
 
@@ -55,8 +57,12 @@ FLEET_HORIZON = timedelta(hours=2)
 
 
 class MonitoringService:
-    def __init__(self, store: SqlStore, llm_url: str | None = None, llm_model: str = "local") -> None:
+    def __init__(
+        self, store: SqlStore, llm_url: str | None = None, llm_model: str = "local", blobs: BlobStore | None = None
+    ) -> None:
         self.store = store
+        self.blobs = blobs
+        self._tenant_refs: dict[str, dict[str, Any]] = {}
         self.llm_url = llm_url.rstrip("/") if llm_url else None
         self.llm_model = llm_model
         self._phrased: dict[tuple[int, str], dict[str, Any]] = {}
@@ -67,7 +73,7 @@ class MonitoringService:
         """Check one stored window; open or update the tenant's incident if findings persist."""
         model, _, version = window.release.rpartition(":")
         lineage = self.store.get_version(model, int(version)).lineage
-        reference = (lineage.get("reference") or {}).get("profile")
+        reference = self._reference(lineage.get("reference") or {}, device.tenant)
         payload = window.model_dump(mode="json")
         # a release without a reference profile: only latency and errors can be checked
         findings = [f.as_dict() for f in check_window(payload, reference)] if reference is not None else []
@@ -115,6 +121,16 @@ class MonitoringService:
                     top["target"],
                 )
         return findings
+
+    def _reference(self, ref: dict[str, Any], tenant: str) -> dict[str, Any] | None:
+        """The tenant's own training reference if its sites contributed one, else the
+        consortium's (a device of a tenant without sites in the job)."""
+        digest = (ref.get("per_tenant") or {}).get(tenant)
+        if digest is not None and self.blobs is not None:
+            if digest not in self._tenant_refs:
+                self._tenant_refs[digest] = json.loads(self.blobs.get(digest))
+            return self._tenant_refs[digest]
+        return ref.get("profile")
 
     def _impact(
         self, device: Device, release: str, recent: list[dict[str, Any]], persistent: list[dict[str, Any]]

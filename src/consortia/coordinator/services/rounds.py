@@ -564,10 +564,22 @@ class RoundService:
         refs = {
             t.site: ReferenceProfile.model_validate(t.result["reference"]) for t in done if t.result.get("reference")
         }
-        if refs:  # the global reference for monitoring: the sites' suppressed histograms, summed
+        if refs:  # the global reference for monitoring: the sites' coarsened histograms, summed
+            tenant_of = {s.name: s.tenant for s in sites}
+            # and each tenant's own, kept as a blob only the coordinator reads: a region's
+            # traffic is judged against its own population, not the consortium's mixture
+            per_tenant = {
+                tenant: self.blobs.put(
+                    merge_references([r for n, r in refs.items() if tenant_of.get(n) == tenant])
+                    .model_dump_json()
+                    .encode()
+                )
+                for tenant in sorted({tenant_of[n] for n in refs if n in tenant_of})
+            }
             lineage["reference"] = {
                 "sites": sorted(refs),
                 "profile": merge_references(list(refs.values())).model_dump(mode="json"),
+                "per_tenant": per_tenant,
             }
         if spec.adapter is not None:
             lineage["composite"] = self._composite_lineage(spec, sites, rnd.global_in)
