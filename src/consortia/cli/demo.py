@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -254,6 +255,7 @@ def run_demo(
             registry = govern(fed, c, job, sc.promotion_policy, workdir, console)
             delivery = deliver(fed, c, registry, sc.partitions, sc.spec, console)
             adapter = adapt(c, registry, delivery, sc.partitions, console)
+            incident = close_the_loop(fed, c, registry, delivery, adapter, sc, workdir, console)
         console.print("computing baselines (harness-side, outside the coordinator) ...")
         base = centralized_and_local(sc.spec, sc.partitions)
         fm = job["final_metrics"]
@@ -274,6 +276,7 @@ def run_demo(
             "registry": registry,
             "delivery": delivery,
             "adapter": adapter,
+            "incident": incident,
             "wall_seconds": round(time.monotonic() - started, 2),
         }
         _print_table(console, result)
@@ -361,6 +364,59 @@ def govern(
     }
 
 
+class Traffic:
+    """The harness's stand-in for each institution's own applications: batches of the
+    site's own rows (up to ``per_site``, cycled) posted to its serving endpoint from a
+    background thread. :meth:`inject` rewrites one site's rows from then on."""
+
+    def __init__(self, fed: Federation, partitions: dict[str, Any], spec: dict[str, Any], per_site: int = 2000):
+        self.fed = fed
+        self.features = [f["name"] for f in spec["features"]]
+        self.frames = {
+            site: frame[self.features].sample(min(per_site, len(frame)), random_state=0).reset_index(drop=True)
+            for site, frame in partitions.items()
+        }
+        self.rows = {site: self._records(frame) for site, frame in self.frames.items()}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    @staticmethod
+    def _records(frame: Any) -> list[dict[str, Any]]:
+        return [
+            {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
+            for r in frame.to_dict("records")
+        ]
+
+    def inject(self, site: str, feature: str, scale: float) -> None:
+        """From now on ``site``'s traffic carries ``feature`` multiplied by ``scale``."""
+        frame = self.frames[site].copy()
+        frame[feature] = frame[feature] * scale
+        self.rows[site] = self._records(frame)
+
+    def _run(self) -> None:
+        i = 0
+        with httpx.Client(timeout=10) as c:
+            while not self._stop.is_set():
+                for site, port in self.fed.serve_ports.items():
+                    rows = self.rows[site]
+                    start = (i * 10) % max(1, len(rows) - 10)
+                    with contextlib.suppress(httpx.TransportError):
+                        c.post(
+                            f"http://127.0.0.1:{port}/v1/predict",
+                            json={"rows": rows[start : start + 10]},
+                            headers={"Authorization": f"Bearer {self.fed.site_serving_token(site)}"},
+                        )
+                i += 1
+                time.sleep(0.05)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+
+
 ROLLOUT_PLAN = {
     "target": {"selector": {"kind": "site"}},
     "steps": [
@@ -391,8 +447,6 @@ def deliver(
     """After promotion: a canary rollout of the production release to the sites' serving
     endpoints, with each bank's own rows as traffic (the harness stands in for the bank's
     internal applications), then the table of what each site serves."""
-    import threading
-
     if registry["stage"] != "production":
         console.print(f"delivery: {registry['model']}:{registry['version']} is not in production; nothing to deploy.")
         return None
@@ -403,32 +457,7 @@ def deliver(
         if len([d for d in devices if d["labels"].get("kind") == "site" and d["report"]]) >= len(fed.serve_ports):
             break
         time.sleep(0.3)
-    features = [f["name"] for f in spec["features"]]
-    rows = {
-        site: [
-            {k: (None if isinstance(v, float) and v != v else v) for k, v in r.items()}
-            for r in frame[features].head(200).to_dict("records")
-        ]
-        for site, frame in partitions.items()
-    }
-    stop = threading.Event()
-
-    def traffic() -> None:
-        i = 0
-        with httpx.Client(timeout=10) as c:
-            while not stop.is_set():
-                for site, port in fed.serve_ports.items():
-                    batch = rows[site][(i * 10) % 190 : (i * 10) % 190 + 10]
-                    with contextlib.suppress(httpx.TransportError):
-                        c.post(
-                            f"http://127.0.0.1:{port}/v1/predict",
-                            json={"rows": batch},
-                            headers={"Authorization": f"Bearer {fed.site_serving_token(site)}"},
-                        )
-                i += 1
-                time.sleep(0.05)
-
-    feeder = threading.Thread(target=traffic, daemon=True)
+    feeder = Traffic(fed, partitions, spec)
     feeder.start()
     try:
         r = admin.post_json(
@@ -441,8 +470,7 @@ def deliver(
             r = admin.get_json(f"/v1/rollouts/{r['id']}")
         time.sleep(2.5)  # one more report from every site with traffic on the new release
     finally:
-        stop.set()
-        feeder.join(timeout=10)
+        feeder.stop()
     table = Table("site", "serving", "state", "predictions", "p99 ms", title=f"rollout {r['id']}: {r['state']}")
     serving: dict[str, Any] = {}
     for d in sorted(admin.get_json("/v1/devices"), key=lambda d: d["name"]):
@@ -517,6 +545,166 @@ def adapt(
         "before": {"loss": before.get("loss"), "accuracy": before.get("accuracy")},
         "after": {"loss": after["loss"], "accuracy": after["accuracy"]},
         "serving": serving,
+    }
+
+
+def _poll(fn: Any, timeout: float, every: float = 0.5) -> Any:
+    """``fn()`` until it returns something truthy (returned), or None after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        out = fn()
+        if out:
+            return out
+        time.sleep(every)
+    return None
+
+
+def close_the_loop(
+    fed: Federation,
+    admin: Any,
+    registry: dict[str, Any],
+    delivery: dict[str, Any] | None,
+    adapter: dict[str, Any] | None,
+    sc: Any,
+    workdir: Path,
+    console: Console,
+) -> dict[str, Any] | None:
+    """The monitoring epilogue: an automation policy on the model; drift injected into one
+    site's serving traffic (the scenario's ``drift``); the incident it opens, with its
+    summary and ranked causes; the run it starts: the gate (the affected regulated bank's
+    approver signs), the warm-started federated retraining, the canary of the new version
+    to the sites' serving endpoints and its promotion (production approvals signed by
+    every regulated bank, as for the first version)."""
+    import yaml
+
+    from consortia.cli.automation import describe_step
+    from consortia.cli.governance import read_yaml
+    from consortia.cli.main import watch_job
+    from consortia.governance import keygen, load_private_key, sign_approval, sign_automation_approval
+    from consortia.site.client import CoordinatorClient
+
+    if delivery is None or delivery["state"] != "succeeded":
+        return None
+    model = registry["model"]
+    policy = {
+        "name": f"{model}-drift",
+        "model": model,
+        "triggers": [{"kind": "drift", "min_tenants": 1}, {"kind": "performance_drop", "min_drop": 0.05}],
+        "gate": "approval",
+        "actions": [{"kind": "retrain"}],
+        "validation": {"plan": ROLLOUT_PLAN, "promote_to": "production"},
+        "cooldown_hours": 24,
+    }
+    path = workdir / "automation.yaml"
+    path.write_text(yaml.safe_dump(policy, sort_keys=False))
+    applied = admin.post_json("/v1/automation/policies", read_yaml(path))
+    console.rule(f"monitoring: automation policy {applied['name']} (revision {applied['revision']}) on {model}")
+
+    others = [s for s in sc.partitions if adapter is None or s != adapter["site"]]
+    site = max(others, key=lambda s: len(sc.partitions[s]))
+    feature, scale = sc.drift["feature"], float(sc.drift["scale"])
+    approvers: dict[str, tuple[Any, Any]] = {}
+
+    def approver(tenant: str) -> tuple[Any, Any]:
+        if tenant not in approvers:
+            token = admin.post_json(
+                "/v1/credentials", {"name": f"loop-approver-{tenant}", "role": "approver", "tenant": tenant}
+            )["token"]
+            c = CoordinatorClient(fed.url, token)
+            pem = workdir / "approvers" / f"{tenant}.pem"
+            if pem.exists():
+                key = load_private_key(pem)
+            else:
+                key, public = keygen(pem)
+                c.post_json(f"/v1/tenants/{tenant}/approver-keys", {"public_key": public})
+            approvers[tenant] = (c, key)
+        return approvers[tenant]
+
+    feeder = Traffic(fed, sc.partitions, sc.spec)
+    feeder.start()
+    try:
+        time.sleep(8.0)  # a few ordinary windows first: every device's own latency baseline
+        quiet = admin.get_json("/v1/incidents", params={"state": "open"})
+        console.print(
+            f"before the injection: {len(quiet)} open incident(s) on ordinary traffic"
+            + (f" ({', '.join(i['tenant'] + ': ' + i['findings'][0]['kind'] for i in quiet)})" if quiet else "")
+        )
+        feeder.inject(site, feature, scale)
+        console.print(f"injected: {feature} x {scale} in {site}'s serving traffic (a numeric covariate shift)")
+        incident = _poll(
+            lambda: next(
+                (i for i in admin.get_json("/v1/incidents", params={"state": "open"}) if i["tenant"] == site), None
+            ),
+            180,
+        )
+        if incident is None:
+            raise ConsortiaError(f"no incident opened at {site} within 180 s of the injected drift.")
+        run = _poll(lambda: next(iter(admin.get_json("/v1/automation/runs")), None), 30)
+        incident = admin.get_json(f"/v1/incidents/{incident['id']}")
+        console.print(f"[bold]incident {incident['id']}[/] ({incident['priority']}): {incident['summary']}")
+        table = Table("rank", "cause", "target", "effect", "95% CI", "method", title="ranked causes")
+        for k, c in enumerate(incident["causes"][:5], 1):
+            ci = f"[{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]" if c.get("ci") else "-"
+            table.add_row(str(k), c["kind"], c["target"], f"{c['effect']:.3f}", ci, c["method"])
+        console.print(table)
+        if run is None:
+            raise ConsortiaError("the incident started no automation run.")
+        gate = next(s for s in run["steps"] if s["stage"] == "decide")
+        console.print(f"automation run {run['id']}: {describe_step(gate)}")
+        for tenant in gate.get("required", []):
+            a, key = approver(tenant)
+            req = sign_automation_approval(a, key, run["id"])
+            run = a.post_json(f"/v1/automation/runs/{run['id']}/approvals", req.model_dump())
+            console.print(f"  {describe_step(run['steps'][-1])}")
+        act = next((s for s in run["steps"] if s["stage"] == "act" and s["action"] == "retrain"), None)
+        if act is None or not act.get("ok"):
+            raise ConsortiaError(f"automation run {run['id']} did not retrain: {run['steps'][-1]}")
+        console.print(f"{describe_step(act)} (the sites retrain on their current data)")
+        job = watch_job(admin, act["job"], console)
+        if job["state"] != "completed":
+            raise ConsortiaError(f"retraining job {job['id']} {job['state']}: {job['reason']}")
+
+        def settled() -> Any:
+            r = admin.get_json(f"/v1/automation/runs/{run['id']}")
+            return r if r["state"] not in ("acting", "validating") else None
+
+        run = _poll(settled, 240)
+        if run is None:
+            raise ConsortiaError("the retrained version's canary did not finish within 240 s.")
+        new = next(s["version"] for s in run["steps"] if s.get("version"))
+        if run["state"] == "awaiting_promotion":  # production needs every regulated bank's signature
+            version = admin.get_json(f"/v1/registry/models/{model}/versions/{new.split(':')[1]}")
+            regulated = [t["name"] for t in admin.get_json("/v1/tenants") if t["regulated"]]
+            for tenant in [t for t in regulated if t in version["tenants"]]:
+                a, key = approver(tenant)
+                req = sign_approval(a, key, model, version["version"], "production")
+                a.post_json(f"/v1/registry/models/{model}/versions/{version['version']}/approvals", req.model_dump())
+            console.print(f"signed production approvals for {new} from every regulated bank")
+            run = _poll(
+                lambda: (
+                    (r := admin.get_json(f"/v1/automation/runs/{run['id']}"))["state"] != "awaiting_promotion" and r
+                ),
+                60,
+            ) or admin.get_json(f"/v1/automation/runs/{run['id']}")
+    finally:
+        feeder.stop()
+        for a, _ in approvers.values():
+            a.close()
+    history = Table("stage", "what", title=f"automation run {run['id']}: {run['state']}")
+    for s in run["steps"]:
+        history.add_row(s["stage"], describe_step(s))
+    console.print(history)
+    return {
+        "injected": {"site": site, "kind": "numeric covariate shift", "target": feature, "scale": scale},
+        "incidents_before_injection": len(quiet),
+        "incident_id": incident["id"],
+        "priority": incident["priority"],
+        "causes": [{k: c.get(k) for k in ("kind", "target", "effect", "ci", "method")} for c in incident["causes"]],
+        "summary": incident["summary"],
+        "run": run["id"],
+        "state": run["state"],
+        "retrained": new,
+        "actions": [{"stage": s["stage"], "what": describe_step(s)} for s in run["steps"]],
     }
 
 

@@ -24,6 +24,8 @@ Examples
 ([12, 0, 0, 40], 3)
 >>> coarsen([12, 3, 0, 40, 2], min_count=5, ordered=True)
 ([12, 45], [0, 1, 1, 1, 1], 0)
+>>> coarsen([232, 43, 1, 0, 0], min_count=10, ordered=True)
+([232, 44, 0, 0], [0, 1, 1, 2, 3], 0)
 >>> regroup([100, 100, 100, 100, 100], [0, 1, 1, 1, 1])
 [100, 400]
 >>> common_groups([[0, 0, 1, 2], [0, 1, 1, 2]], bins=4)
@@ -209,12 +211,12 @@ def coarsen(counts: Sequence[int], min_count: int, *, ordered: bool) -> tuple[li
                 full.append(len(sums))
                 sums.append(run)
                 run = 0
-        if run:  # a tail under the minimum joins the last full group, with the empty bins between
+        if run:  # a tail under the minimum joins the last full group
             last = full[-1]
             sums[last] += run
             del sums[last + 1 :]
             groups = [min(g, last) for g in groups]
-        return sums, groups, 0
+        return _trim_empty(c, sums, groups)
     big = [i for i, x in enumerate(c) if x >= min_count]
     small = [i for i, x in enumerate(c) if 0 < x < min_count]
     empty = [i for i, x in enumerate(c) if x == 0]
@@ -233,6 +235,31 @@ def coarsen(counts: Sequence[int], min_count: int, *, ordered: bool) -> tuple[li
         sums.append(0)
     groups = [index.get(i, rest_group) for i in range(len(c))]
     return sums, groups, 0
+
+
+def _trim_empty(c: list[int], sums: list[int], groups: list[int]) -> tuple[list[int], list[int], int]:
+    """Empty bins at either end of an ordered group leave it as groups of their own (count
+    0): a group then spans only the range its rows fall in, so spreading its count over
+    its bins later never puts rows where there were none."""
+    out_sums: list[int] = []
+    out_groups = [0] * len(c)
+    i = 0
+    while i < len(c):
+        j = i
+        while j + 1 < len(c) and groups[j + 1] == groups[i]:
+            j += 1
+        nonzero = [k for k in range(i, j + 1) if c[k]]
+        lo, hi = (nonzero[0], nonzero[-1]) if nonzero else (j + 1, j)
+        for k in range(i, j + 1):
+            if lo <= k <= hi:
+                if k == lo:
+                    out_sums.append(sums[groups[i]])
+                out_groups[k] = len(out_sums) - 1
+            else:
+                out_groups[k] = len(out_sums)
+                out_sums.append(0)
+        i = j + 1
+    return out_sums, out_groups, 0
 
 
 def regroup(counts: Sequence[int], groups: Sequence[int]) -> list[int]:

@@ -47,6 +47,8 @@ class Scenario:
     name: str
     partitions: dict[str, pd.DataFrame]
     spec: dict[str, Any]
+    drift: dict[str, Any]
+    """What the demo injects into one site's serving traffic: ``feature`` scaled by ``scale``."""
 
     @property
     def promotion_policy(self) -> Path:
@@ -96,7 +98,8 @@ def _finance(n_sites: int | None, rounds: int | None, seed: int) -> Scenario:
         "learning_rate": 0.05,
         "seed": seed,
     }
-    return Scenario("finance", parts, spec)
+    # the demo's injected drift: interest rates up by a third at one bank (a rate shock)
+    return Scenario("finance", parts, spec, {"feature": "int_rate", "scale": 1.35})
 
 
 def _slug(name: str) -> str:
@@ -142,7 +145,8 @@ def _healthcare(n_sites: int | None, rounds: int | None, seed: int) -> Scenario:
         "learning_rate": 0.05,
         "seed": seed,
     }
-    return Scenario("healthcare", parts, spec)
+    # the demo's injected drift: tests later in the pandemic at one clinic
+    return Scenario("healthcare", parts, spec, {"feature": "pan_day", "scale": 1.5})
 
 
 SCENARIOS = {"finance": _finance, "healthcare": _healthcare}

@@ -452,9 +452,24 @@ class AutomationService:
         ref = next(s["version"] for s in reversed(run["steps"]) if s.get("version"))
         model, _, version = ref.rpartition(":")
         to = policy.validation.promote_to
-        if self.store.get_version(model, int(version)).stage == to:
+        stage = self.store.get_version(model, int(version)).stage
+        if stage == to:
             self.store.add_automation_step(run["id"], "done", {"stage": "validate", "promoted": ref, "to": to})
             return
+        if to == "production" and stage not in ("staging", "production"):  # stages in order, each judged
+            staged = self.governance.promote(self._system(stored), model, int(version), PromoteRequest(to="staging"))
+            if not staged["promoted"]:
+                failed = [r["rule"] for r in staged["rules"] if not r["passed"]]
+                if not any(s.get("waiting_for") == failed for s in run["steps"]):
+                    self.store.add_automation_step(
+                        run["id"],
+                        "awaiting_promotion",
+                        {"stage": "validate", "promotion": "staging", "waiting_for": failed},
+                    )
+                return
+            self.store.add_automation_step(
+                run["id"], "awaiting_promotion", {"stage": "validate", "promoted": ref, "to": "staging"}
+            )
         out = self.governance.promote(self._system(stored), model, int(version), PromoteRequest(to=to))
         failed = [r["rule"] for r in out["rules"] if not r["passed"]]
         if out["promoted"]:

@@ -156,7 +156,10 @@ def merge_references(refs: list[ReferenceProfile]) -> ReferenceProfile:
     site's merged bins spread evenly over their members first
     (:func:`consortia.core.profile.spread`). Exact on the sites' common grouping; within
     a merged group of small bins the shape is approximated (mass that zeroing would have
-    dropped, biasing the reference's tails)."""
+    dropped, biasing the reference's tails). A single site's reference is returned as
+    is, grouping included."""
+    if len(refs) == 1:  # one site: its coarsened reference is exact as it stands
+        return refs[0]
     features: dict[str, FeatureProfile] = {}
     for name in refs[0].features:
         fps = [r.features[name] for r in refs]
