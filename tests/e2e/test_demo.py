@@ -51,6 +51,21 @@ def test_demo_registers_prints_card_promotes_with_approvals_and_reports(tmp_path
     assert ad["params"] == ["0.bias"] and ad["release"] == f"credit-risk-{ad['site']}:1"
     assert ad["serving"] == ad["release"] and ad["base"] == "credit-risk:1"
     assert all(isinstance(ad[k]["loss"], float) for k in ("before", "after"))  # base vs composite at that bank
+    # the loop: ordinary traffic opens nothing; drift injected at one bank opens an incident
+    # there whose top cause is the injected feature; the regulated bank signs the gate; a
+    # warm-started retraining is canaried and promoted
+    inc = r["incident"]
+    assert inc["incidents_before_injection"] == 0
+    assert inc["injected"]["kind"] == "numeric covariate shift" and inc["injected"]["target"] == "int_rate"
+    top = inc["causes"][0]
+    assert (top["kind"], top["target"], top["method"]) == ("feature_drift", "int_rate", "interventional")
+    assert top["ci"][0] > 0 and all(c["effect"] <= top["effect"] for c in inc["causes"][1:])
+    assert inc["summary"].startswith(f"At {inc['injected']['site']} (regulated)")
+    assert inc["state"] == "done" and inc["retrained"] == "credit-risk:2"
+    stages = [a["stage"] for a in inc["actions"]]
+    assert stages[:5] == ["detect", "decide", "approval", "decide", "act"] and stages.count("validate") >= 3
+    assert any("canary passed" in a["what"] for a in inc["actions"])
+    assert inc["actions"][-1]["what"] == "promoted credit-risk:2; to production"
     # the approvers' private keys were written on their side, owner-only
     for site in r["sites"]:
         key = tmp_path / "ws" / "approvers" / f"{site}.pem"

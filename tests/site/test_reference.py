@@ -46,6 +46,9 @@ def test_reference_profiles_from_a_job_end_up_in_lineage_and_release(coord, tmp_
         s.name: ReferenceProfile.model_validate_json((s.home / "references" / f"job-{job['id']}.json").read_text())
         for s in sites
     }
+    for s in sites:  # the same file, where the site's serving endpoint looks it up by the model's params
+        kept = s.home / "references" / "by-params" / f"{version['params_hash']}.json"
+        assert kept.read_text() == (s.home / "references" / f"job-{job['id']}.json").read_text()
     for name, ref in local.items():
         for feature, fp in ref.features.items():
             assert sum(fp.counts) + fp.missing == ref.rows, (name, feature)

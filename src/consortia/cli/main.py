@@ -208,7 +208,7 @@ def _serve_site(coordinator: str, home: Path, agent: Any, host: str, port: int, 
         poll_seconds=2.0,
         enroll=lambda: agent.client.post_json("/v1/sites/me/serving-device", {}),
         require_local_approval=policy.deployments_require_local_approval,
-        monitoring={"min_count": policy.min_count},
+        monitoring={"min_count": policy.min_count, "references": home / "references"},
     )
     server = uvicorn.Server(uvicorn.Config(edge.app, host=host, port=port, log_level="warning"))
     threading.Thread(target=server.run, daemon=True).start()

@@ -129,6 +129,7 @@ class ServingState:
     shadow: Signals = field(default_factory=Signals)
     shadow_pending: OrderedDict[str, tuple[str, bool, float]] = field(default_factory=OrderedDict)
     monitoring: dict[str, Any] = field(default_factory=dict)  # WindowMonitor settings (min_count, ...)
+    # and "references": a site's HOME/references, for attribution against its own reference
     monitor: WindowMonitor | None = None
     outbox: list[dict[str, Any]] = field(default_factory=list)  # closed windows of retired releases
 
@@ -137,13 +138,21 @@ class ServingState:
             self.monitor = self._new_monitor(self.release)
 
     def _new_monitor(self, release: Release) -> WindowMonitor:
+        settings = dict(self.monitoring)
+        local = settings.pop("references", None)
         reference = load_reference(release)
+        if reference is not None and local is not None:
+            # a site's serving endpoint: attribute against the site's own full-resolution
+            # reference of this model when it has one (its population, not the consortium's)
+            own = Path(local) / "by-params" / f"{release.manifest['params_hash']}.json"
+            if own.is_file():
+                reference = {**reference, "profile": json.loads(own.read_text())}
         return WindowMonitor(
             release.ref,
             reference["bins"] if reference else {},
             scorer=release.predict,
             reference=reference,
-            **self.monitoring,
+            **settings,
         )
 
     def activate(self, release: Release) -> None:

@@ -80,11 +80,18 @@ def suppressed(ref: ReferenceProfile, min_count: int, plan: PreprocessingPlan) -
     return ReferenceProfile(rows=ref.rows, features=features, scores=scores, score_groups=score_groups)
 
 
-def write_reference(home: Path, job_id: int, ref: ReferenceProfile) -> Path:
-    """Keep the site's own reference (full resolution) under ``HOME/references``."""
-    path = home / "references" / f"job-{job_id}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(ref.model_dump(mode="json"), sort_keys=True))
-    tmp.replace(path)
-    return path
+def write_reference(home: Path, job_id: int, ref: ReferenceProfile, params_hash: str | None = None) -> Path:
+    """Keep the site's own reference (full resolution) under ``HOME/references``: as
+    ``job-<id>.json`` and, given the final model's parameters hash, as
+    ``by-params/<hash>.json``, where the site's serving endpoint finds it for the release
+    of that model (its attribution then compares with the site's own population)."""
+    body = json.dumps(ref.model_dump(mode="json"), sort_keys=True)
+    paths = [home / "references" / f"job-{job_id}.json"]
+    if params_hash is not None:
+        paths.append(home / "references" / "by-params" / f"{params_hash}.json")
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(body)
+        tmp.replace(path)
+    return paths[0]

@@ -171,7 +171,7 @@ def handle_evaluate(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     evaluation = _evaluate(ctx, spec, p, params, X_test, p.test, with_groups=True)
     # the reference for monitoring: training rows on the agreed bins, test scores per class
     reference = build_reference(p.frame.iloc[p.train], spec, plan, _scores(spec, params, X_test), p.y[p.test])
-    write_reference(ctx.home, task.job_id, reference)
+    write_reference(ctx.home, task.job_id, reference, task.global_hash)
     return ctx.client.submit_result(
         task.id,
         TaskResultPublic(
