@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from consortia.errors import ConsortiaError
@@ -641,7 +642,7 @@ def close_the_loop(
             raise ConsortiaError(f"no incident opened at {site} within 180 s of the injected drift.")
         run = _poll(lambda: next(iter(admin.get_json("/v1/automation/runs")), None), 30)
         incident = admin.get_json(f"/v1/incidents/{incident['id']}")
-        console.print(f"[bold]incident {incident['id']}[/] ({incident['priority']}): {incident['summary']}")
+        console.print(f"[bold]incident {incident['id']}[/] ({incident['priority']}): {escape(incident['summary'])}")
         table = Table("rank", "cause", "target", "effect", "95% CI", "method", title="ranked causes")
         for k, c in enumerate(incident["causes"][:5], 1):
             ci = f"[{c['ci'][0]:.2f}, {c['ci'][1]:.2f}]" if c.get("ci") else "-"

@@ -6,6 +6,7 @@ import json
 from typing import Annotated
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from consortia.cli.common import DEFAULT_URL, CoordinatorOpt, HomeOpt, TokenOpt, client, console
@@ -66,11 +67,12 @@ def incidents_show(
         f"{'regulated' if imp.get('regulated') else 'not regulated'}, devices {', '.join(imp.get('devices', []))}, "
         f"{imp.get('traffic_share', 0):.0%} of the release's traffic in the last hour"
     )
-    console.print(i["summary"])
+    console.print(escape(i["summary"]))
     if i.get("narrative") and i["narrative"]["source"] == "llm":
-        console.print(f"[dim]rephrased (every figure checked against the incident):[/] {i['narrative']['text']}")
+        text = escape(i["narrative"]["text"])
+        console.print(f"[dim]rephrased (every figure checked against the incident):[/] {text}")
     elif i.get("narrative"):
-        console.print(f"[dim]LLM rephrasing not used: {i['narrative']['reason']}[/]")
+        console.print(f"[dim]LLM rephrasing not used: {escape(i['narrative']['reason'])}[/]")
     causes = Table("rank", "cause", "target", "effect", "95% CI", "method", title="ranked causes")
     for n, c in enumerate(i.get("causes", []), 1):
         ci = f"{c['ci'][0]:.2f} to {c['ci'][1]:.2f}" if c.get("ci") else "-"
