@@ -74,3 +74,24 @@ def test_single_row_and_batch_requests_count_alike():
     (w1,), (w2,) = one.drain(), batch.drain()
     assert w1["features"] == w2["features"] and w1["predictions"] == w2["predictions"] and w1["rows"] == 40
     assert w1["features"]["x"]["missing"] == 6 and w1["features"]["c"]["out_of_range"] == c.count("zz")
+
+
+def test_decisions_per_group_of_the_sensitive_attribute_leave_only_above_the_minimum():
+    m = WindowMonitor("m:1", BINS, min_count=3, max_rows=100, max_seconds=3600, sensitive="c", threshold=0.5)
+    # group a: 6 rows, 4 positive / 2 negative (2 < 3: the count is withheld); b: 5 rows, 0 positive;
+    # z (unseen value, its own group): 2 rows (under the minimum: left out)
+    c = ["a"] * 6 + ["b"] * 5 + ["z"] * 2
+    probs = np.array([0.9, 0.8, 0.7, 0.6, 0.1, 0.2] + [0.1] * 5 + [0.9, 0.9])
+    m.observe(feeds([0.5] * 13, c), probs, 0.001)
+    m.flush()
+    (w,) = m.drain()
+    MonitoringWindow.model_validate(w)
+    assert w["fairness"] == {
+        "attribute": "c",
+        "threshold": 0.5,
+        "groups": {"a": {"rows": 6, "positive": None}, "b": {"rows": 5, "positive": 0}},
+        "suppressed": 2,
+    }
+    bad = {**w, "fairness": {**w["fairness"], "groups": {"a": {"rows": 2, "positive": 0}}}}
+    with pytest.raises(ValueError, match="at least min_count"):
+        MonitoringWindow.model_validate(bad)

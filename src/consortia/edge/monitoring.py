@@ -86,6 +86,9 @@ class WindowMonitor:
     scorer: Callable[[dict[str, np.ndarray]], np.ndarray] | None = None  # the release, for attribution
     reference: dict[str, Any] | None = None  # the release's reference.json
     sample_rows: int = 400  # rows kept (locally, in memory) per window for attribution
+    sensitive: str | None = None  # the declared sensitive attribute (a model input): per-group aggregates
+    threshold: float = 0.5  # the release's decision threshold (positive decisions per group)
+    max_groups: int = 50  # more distinct values than this pool into "<other>"
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
@@ -113,6 +116,7 @@ class WindowMonitor:
         self.latencies: list[float] = []
         self._sample: dict[str, list[Any]] = {name: [] for name in self.bins}
         self._sampled = 0
+        self.groups: dict[str, list[int]] = {}  # sensitive attribute's group -> [rows, positive decisions]
 
     # ------------------------------------------------------------------ recording
 
@@ -132,6 +136,8 @@ class WindowMonitor:
             else:
                 self._observe_batch(feeds)
             self.predictions += _hist(probs)
+            if self.sensitive is not None and self.sensitive in feeds:
+                self._observe_groups(feeds[self.sensitive].ravel()[:n].tolist(), probs)
             self.rows += n
             self.requests += 1
             self.latencies.append(seconds)
@@ -175,6 +181,39 @@ class WindowMonitor:
             f.counts += counts
             f.missing += missing
             f.out_of_range += oor
+
+    def _group(self, v: Any) -> str:
+        b = self.bins.get(self.sensitive or "")
+        if v is None or v == MISSING or (isinstance(v, float) and v != v):
+            return MISSING
+        if b is not None and b["kind"] == "numeric":  # a numeric attribute groups by its agreed bins
+            return f"bin {bisect.bisect_left(b['cuts'], float(v))}"
+        return str(v)
+
+    def _observe_groups(self, values: list[Any], probs: np.ndarray) -> None:
+        for v, p in zip(values, np.asarray(probs).tolist(), strict=False):
+            g = self._group(v)
+            if g not in self.groups and len(self.groups) >= self.max_groups:
+                g = "<other>"
+            counts = self.groups.setdefault(g, [0, 0])
+            counts[0] += 1
+            counts[1] += int(p >= self.threshold)
+
+    def _fairness(self) -> dict[str, Any] | None:
+        """Rows and positive decisions per group of the sensitive attribute: groups under
+        the minimum count are left out (their rows counted as suppressed); a group's
+        positive count is given only if it and its negatives are each 0 or at least the
+        minimum (else None)."""
+        if self.sensitive is None or not self.groups:
+            return None
+        m, groups, dropped = self.min_count, {}, 0
+        for g, (rows, positive) in sorted(self.groups.items()):
+            if rows < m:
+                dropped += rows
+                continue
+            ok = all(c == 0 or c >= m for c in (positive, rows - positive))
+            groups[g] = {"rows": rows, "positive": positive if ok else None}
+        return {"attribute": self.sensitive, "threshold": self.threshold, "groups": groups, "suppressed": dropped}
 
     def error(self) -> None:
         with self._lock:
@@ -271,6 +310,7 @@ class WindowMonitor:
             },
             "labelled": {k: suppress(v.tolist(), m)[0] for k, v in self.labelled.items()} if self._any_labels() else {},
             "attribution": self._attribution(),
+            "fairness": self._fairness(),
             "label_counts": {
                 "labelled": suppress([self.label_counts[0]], m)[0][0],
                 "correct": suppress([self.label_counts[1]], m)[0][0],

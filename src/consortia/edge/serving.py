@@ -152,6 +152,8 @@ class ServingState:
             reference["bins"] if reference else {},
             scorer=release.predict,
             reference=reference,
+            sensitive=release.manifest.get("sensitive_attribute"),
+            threshold=float(release.manifest.get("threshold", 0.5)),
             **settings,
         )
 

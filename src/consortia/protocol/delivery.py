@@ -130,6 +130,20 @@ class Attribution(_Strict):
     features: dict[str, FeatureRecovery] = Field(max_length=10_000)
 
 
+class GroupDecisions(_Strict):
+    rows: int = Field(ge=0)
+    positive: int | None = Field(default=None, ge=0, description="positive decisions; None when suppressed")
+
+
+class WindowFairness(_Strict):
+    """Decisions per group of the release's declared sensitive attribute."""
+
+    attribute: str = Field(max_length=200)
+    threshold: float = Field(ge=0, le=1)
+    groups: dict[str, GroupDecisions] = Field(max_length=51)
+    suppressed: int = Field(ge=0, description="rows in groups under the minimum count, left out")
+
+
 class MonitoringWindow(_Strict):
     """What a serving agent sends about a window of its traffic: aggregates on the
     release's agreed bins, every count under ``min_count`` zeroed. Never a row, a value
@@ -154,6 +168,7 @@ class MonitoringWindow(_Strict):
     label_counts: dict[Literal["labelled", "correct"], int] = Field(
         default_factory=dict, description="rows whose delayed label arrived, and how many decisions were right"
     )
+    fairness: WindowFairness | None = Field(default=None, description="per-group decisions (sensitive attribute)")
     min_count: int = Field(ge=1, description="the suppression applied")
 
     @model_validator(mode="after")
@@ -162,6 +177,14 @@ class MonitoringWindow(_Strict):
             raise ValueError("ended_at is before started_at")
         bins = [c for fp in self.features.values() for c in (*fp.counts, fp.missing, fp.out_of_range)]
         bins += self.predictions + [c for h in self.labelled.values() for c in h] + list(self.label_counts.values())
+        if self.fairness is not None:
+            for g in self.fairness.groups.values():
+                if g.rows < self.min_count:
+                    raise ValueError(f"fairness groups must hold at least min_count ({self.min_count}) rows")
+                if g.positive is not None:
+                    if g.positive > g.rows:
+                        raise ValueError("a group's positive decisions exceed its rows")
+                    bins += [g.positive, g.rows - g.positive]
         if any(c < 0 or 0 < c < self.min_count for c in bins):
             raise ValueError(f"every count must be 0 or at least min_count ({self.min_count})")
         return self

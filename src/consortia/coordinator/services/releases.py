@@ -117,6 +117,11 @@ def write_bundle(root: Path, v: ModelVersion, params: dict[str, np.ndarray], thr
         "inputs": inputs,
         "output": "probability",
         "threshold": threshold,
+        # monitoring: serving agents count decisions per group of the declared sensitive
+        # attribute when it is one of the model's inputs
+        "sensitive_attribute": next(
+            (a for a in [(spec.get("card") or {}).get("sensitive_attribute")] if a in inputs), None
+        ),
         "index": None,  # slot for a vector-index snapshot (a later release kind fills it)
         "sample": {"expected": [float(x) for x in expected], "tolerance": 1e-5},
         "reference_scores": reference_scores,  # the model's test scores per class (monitoring reference)
