@@ -4,7 +4,9 @@ A policy (:class:`consortia.protocol.automation.AutomationPolicy`, applied with
 ``consortia automation apply FILE``) watches one model. Its triggers are checked when an
 incident opens or changes (drift at >= k tenants, a performance drop) and on every tick
 (schedule, new delayed labels). A trigger that fires outside the policy's cooldown, with
-no run of the policy still in progress, starts a *run*:
+no run of the policy still in progress, starts a *run* that affects the tenants of the
+incidents that fired it (a schedule: the tenants whose data is in the model; new labels:
+the tenants that sent them):
 
 1. **detect**: the trigger, the incidents and the tenants affected;
 2. **decide**: ``automatic``, or ``approval``: every affected *regulated* tenant's approver
@@ -192,6 +194,13 @@ class AutomationService:
                     }
                     self._start(stored, policy, detail, tenants)
                     break
+
+    def _contributors(self, model: str) -> list[str]:
+        """Who a scheduled run affects: the tenants whose data is in the model's production
+        (else newest) version."""
+        versions = self.store.list_versions(model)
+        base = self.store.production_version(model) or (versions[-1] if versions else None)
+        return sorted((base.lineage.get("tenants") or {}) if base is not None else [])
 
     def _start(
         self, stored: dict[str, Any], policy: AutomationPolicy, detail: dict[str, Any], tenants: list[str]
@@ -385,7 +394,7 @@ class AutomationService:
                 if trigger.kind == "schedule":
                     if utcnow() - since >= timedelta(hours=trigger.every_hours):
                         detail = {"trigger": trigger.model_dump(mode="json"), "since": since.isoformat()}
-                        self._start(stored, policy, detail, [])
+                        self._start(stored, policy, detail, self._contributors(policy.model))
                         break
                 else:
                     labelled = self.store.labelled_since(policy.model, since)
