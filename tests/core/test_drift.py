@@ -142,3 +142,24 @@ def test_coarsening_keeps_every_group_at_the_minimum_and_maps_every_bin():
                 assert all(counts[i] == 0 for i, g in enumerate(groups) if sums[g] == 0)  # only empty bins
             if ordered:
                 assert groups == sorted(groups)  # numeric bins merge with neighbours only
+
+
+def test_rare_events_in_small_windows_use_an_exact_test():
+    from consortia.core.drift import two_proportion
+
+    # 5 of 100 against a 2% reference rate: the chi-square approximation says p ~ 0.02, while
+    # the exact probability of so many is ~0.05; the rate test must not fire at q = 0.01
+    rng = np.random.default_rng(3)
+    fired = sum(two_proportion(int(rng.binomial(100, 0.02)), 100, 200, 10_000).p_value < 0.01 for _ in range(2000))
+    assert fired / 2000 <= 0.01
+
+
+def test_sparse_cells_are_pooled_before_the_chi_square():
+    from consortia.core.drift import chi_square
+
+    # 100 rows over 30 categories of a skewed reference: most cells expect under 5 rows
+    rng = np.random.default_rng(4)
+    shares = rng.dirichlet(np.full(30, 0.5))
+    ref = np.round(shares * 10_000).astype(int)
+    fired = sum(chi_square(rng.multinomial(100, shares), ref).p_value < 0.01 for _ in range(2000))
+    assert fired / 2000 <= 0.015

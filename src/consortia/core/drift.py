@@ -49,6 +49,7 @@ from dataclasses import dataclass
 import numpy as np
 
 __all__ = [
+    "MIN_EXPECTED",
     "ChiSquareResult",
     "Cusum",
     "DriftTest",
@@ -136,9 +137,37 @@ class ChiSquareResult:
     p_value: float
 
 
+MIN_EXPECTED = 5.0
+"""Cochran's rule: cells expected to hold fewer rows than this are pooled before a
+chi-square test (the chi-square approximation is anti-conservative below it)."""
+
+
+def _pool_sparse(p: np.ndarray, q: np.ndarray, n: float, m: float) -> tuple[np.ndarray, np.ndarray]:
+    """Merge the cell with the smallest expected count into its smaller neighbour until
+    every cell's expected count in both samples is at least :data:`MIN_EXPECTED` (or two
+    cells remain). Neighbours, so ordered bins stay contiguous."""
+    p, q = list(p), list(q)
+    while len(p) > 2:
+        expected = [min((a + b) * n, (a + b) * m) / (n + m) for a, b in zip(p, q, strict=True)]
+        i = int(np.argmin(expected))
+        if expected[i] >= MIN_EXPECTED:
+            break
+        if i == 0:
+            j = 1
+        elif i == len(p) - 1:
+            j = i - 1
+        else:
+            j = i - 1 if p[i - 1] + q[i - 1] <= p[i + 1] + q[i + 1] else i + 1
+        lo, hi = min(i, j), max(i, j)
+        p[lo : hi + 1] = [p[lo] + p[hi]]
+        q[lo : hi + 1] = [q[lo] + q[hi]]
+    return np.asarray(p, dtype=np.float64), np.asarray(q, dtype=np.float64)
+
+
 def chi_square(current: Sequence[float], reference: Sequence[float]) -> ChiSquareResult:
     """Chi-square test of homogeneity of ``current`` and ``reference`` counts. Bins empty
-    in both are dropped; fewer than two non-empty bins gives p = 1 (nothing to test)."""
+    in both are dropped and sparse cells pooled (:data:`MIN_EXPECTED`); fewer than two
+    cells gives p = 1 (nothing to test)."""
     from scipy.stats import chi2
 
     p, q = _pair(current, reference)
@@ -147,6 +176,7 @@ def chi_square(current: Sequence[float], reference: Sequence[float]) -> ChiSquar
     n, m = p.sum(), q.sum()
     if len(p) < 2 or n == 0 or m == 0:
         return ChiSquareResult(0.0, 0, 1.0)
+    p, q = _pool_sparse(p, q, n, m)
     total = p + q
     ep, eq = total * n / (n + m), total * m / (n + m)
     stat = float(np.sum((p - ep) ** 2 / ep) + np.sum((q - eq) ** 2 / eq))
@@ -155,9 +185,17 @@ def chi_square(current: Sequence[float], reference: Sequence[float]) -> ChiSquar
 
 
 def two_proportion(current_hits: int, current_n: int, ref_hits: int, ref_n: int) -> ChiSquareResult:
-    """Two-sided z-test that two rates are equal (as a chi-square with 1 dof)."""
+    """Two-sided test that two rates are equal: chi-square with 1 dof, or Fisher's exact
+    test when a cell is expected to hold fewer than :data:`MIN_EXPECTED` rows (rare events
+    in small windows, where the approximation fires far too often)."""
     if current_n <= 0 or ref_n <= 0:
         return ChiSquareResult(0.0, 0, 1.0)
+    hits, n = current_hits + ref_hits, current_n + ref_n
+    if min(hits, n - hits) * min(current_n, ref_n) / n < MIN_EXPECTED:
+        from scipy.stats import fisher_exact
+
+        table = [[current_hits, current_n - current_hits], [ref_hits, ref_n - ref_hits]]
+        return ChiSquareResult(0.0, 1, float(fisher_exact(table).pvalue))
     return chi_square([current_hits, current_n - current_hits], [ref_hits, ref_n - ref_hits])
 
 
