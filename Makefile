@@ -39,10 +39,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/audit_log.py
 	$(BIN)/python benchmarks/edge_latency.py
 	$(BIN)/python benchmarks/delta_update.py
+	$(BIN)/python benchmarks/drift_detection.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/ruff format --check src tests benchmarks
 
 clean:
-	rm -rf $(VENV) $(MLFLOW_VENV) build *.egg-info demo-report.json
+	rm -rf $(VENV) $(MLFLOW_VENV) .venv-evidently build *.egg-info demo-report.json
