@@ -171,6 +171,10 @@ def test_drift_at_a_regulated_tenant_waits_for_its_signature_then_retrains_and_c
     for stage in ("detect", "decide", "approval", "act", "validate"):
         assert f"automation.{stage}" in actions
 
+    incident_id = detect["incidents"][0]["id"]
+    assert coord.admin.get_json(f"/v1/incidents/{incident_id}")["automation"] == [
+        {"run": run["id"], "policy": "drift-retrain", "state": "done"}
+    ]
     # tenant scoping: bank-b's credentials see no run; hosp-a's see theirs
     assert approvers["bank-b"].get_json("/v1/automation/runs") == []
     with pytest.raises(PermissionDeniedError):

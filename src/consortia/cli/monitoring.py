@@ -82,6 +82,8 @@ def incidents_show(
     for f in i["findings"]:
         table.add_row(f["kind"], f["target"], str(f["windows"]), f"{f['p_value']:.2e}", f"{f['effect']:.3f}")
     console.print(table)
+    for a in i.get("automation", []):
+        console.print(f"automation: run {a['run']} of policy {a['policy']} ({a['state']}); see `automation history`")
     for w in i.get("recent_windows", []):
         found = ", ".join(f"{k} of {t}" for k, t in w["findings"]) or "nothing"
         console.print(f"  window {w['id']} ending {w['ended_at'][:19]} ({w['rows']} rows): {found}")

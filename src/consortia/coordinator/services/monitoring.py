@@ -174,6 +174,11 @@ class MonitoringService:
         windows = self.store.recent_windows(stored["tenant_id"], incident["release"], 10)
         if self.llm_url is not None:
             incident["narrative"] = self._narrative(incident)
+        incident["automation"] = [
+            {"run": r["id"], "policy": r["policy"], "state": r["state"]}
+            for r in self.store.automation_runs()
+            if any(i["id"] == incident_id for i in (r["steps"][0].get("incidents") or []))
+        ]
         incident["recent_windows"] = [
             {
                 "id": w["id"],
