@@ -148,7 +148,7 @@ def enroll_device(coord, tenant: str, name: str) -> str:
     return resp.json()["credential"]
 
 
-def serving_windows(release, reference, frame, rows=300, n=1):
+def serving_windows(release, reference, frame, rows=300, n=1, sensitive=None):
     """Windows as the device's serving agent makes them: the real release scores the rows
     and re-scores its own sample for attribution."""
     m = WindowMonitor(
@@ -159,6 +159,7 @@ def serving_windows(release, reference, frame, rows=300, n=1):
         max_seconds=1e9,
         scorer=release.predict,
         reference=reference,
+        sensitive=sensitive,
     )
     for k in range(n):
         part = frame.iloc[k * rows : (k + 1) * rows]

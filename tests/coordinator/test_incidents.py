@@ -229,3 +229,29 @@ def test_a_region_is_judged_against_its_own_population(coord, tmp_path):
     (incident,) = coord.admin.get_json("/v1/incidents")
     assert incident["tenant"] == "newcomer"
     assert ("covariate_drift", "x1") in {(f["kind"], f["target"]) for f in incident["findings"]}
+
+
+def test_decisions_that_change_for_one_group_open_a_fairness_incident(coord, tmp_path):
+    """The model starts deciding differently for group cat=a (its x1 moved for that group
+    only): the device's windows, compared with its own earlier windows group by group,
+    open a P1 incident at the regulated tenant with a fairness cause for cat=a."""
+    coord.admin.post_json("/v1/tenants", {"name": "hosp-a", "regulated": True})
+    sites = [coord.site(n, frame=synthetic_frame(500, i + 1), tmp=tmp_path) for i, n in enumerate(("a", "b"))]
+    assert coord.wait_job(coord.admin.post_json("/v1/jobs", SPEC)["id"], sites)["state"] == "completed"
+    v = coord.http.app.state.store.get_version("test-job", 1)
+    release = load_release(coord.http.app.state.governance.releases.paths(v)[0])
+    reference = load_reference(release)
+    cred = _device(coord, "hosp-a", "scanner-1")
+    coord.admin.post_json("/v1/devices/assign", {"model": "test-job", "version": 1, "tenant": "hosp-a"})
+    before = synthetic_frame(1200, 42)
+    after = synthetic_frame(600, 43)
+    after.loc[after["cat"] == "a", "x1"] += 1.0
+    for frame, n in ((before, 4), (after, 2)):
+        for w in _windows(release, reference, frame, n=n, sensitive="cat"):
+            resp = coord.http.post("/v1/devices/me/monitoring", json=w, headers={"Authorization": f"Bearer {cred}"})
+            assert resp.status_code == 201, resp.text
+    (incident,) = coord.admin.get_json("/v1/incidents")
+    assert ("group_decision_shift", "cat=a") in {(f["kind"], f["target"]) for f in incident["findings"]}
+    assert ("group_decision_shift", "cat=b") not in {(f["kind"], f["target"]) for f in incident["findings"]}
+    assert incident["priority"] == "P1"
+    assert any(c["kind"] == "fairness" and c["target"] == "cat=a" for c in incident["causes"])

@@ -37,7 +37,7 @@ from typing import Any
 from consortia.core.drift import benjamini_hochberg, chi_square, psi, two_proportion
 from consortia.core.profile import common_groups, expand, onto
 
-__all__ = ["LATENCY_FLOOR_MS", "MIN_EFFECT", "Finding", "check_operations", "check_window"]
+__all__ = ["LATENCY_FLOOR_MS", "MIN_EFFECT", "Finding", "check_fairness", "check_operations", "check_window"]
 
 MIN_EFFECT = {
     "covariate_drift": 0.1,
@@ -45,6 +45,7 @@ MIN_EFFECT = {
     "missing_spike": 0.02,
     "out_of_range": 0.02,
     "performance_drop": 0.05,
+    "group_decision_shift": 0.1,  # a group's positive-decision rate moved by 10 points
     "latency_rise": 0.5,  # p99 up by at least half of the device's own baseline
     "error_rise": 0.02,
 }
@@ -190,3 +191,49 @@ def check_operations(
                 detail = {"rate": errors / requests, "baseline_rate": base_err / base_req}
                 found.append(Finding("error_rise", "errors", res.p_value, rise, int(window["rows"]), detail))
     return found
+
+
+def check_fairness(
+    window: Mapping[str, Any], baseline: Sequence[Mapping[str, Any]], *, q: float = 0.01, min_baseline: int = 3
+) -> list[Finding]:
+    """``group_decision_shift``: a group of the sensitive attribute whose rate of positive
+    decisions in this window differs from the same group's rate in the device's earlier
+    windows (two-proportion test per group, Benjamini-Hochberg over the groups, at least
+    :data:`MIN_EFFECT` points). A model that starts deciding differently for one group is
+    a fairness incident even when the population barely moved. Needs ``min_baseline``
+    earlier windows with that group's counts.
+
+    >>> w = lambda a, b: {"rows": 400, "fairness": {"attribute": "sex", "groups": {
+    ...     "f": {"rows": 200, "positive": a}, "m": {"rows": 200, "positive": b}}}}
+    >>> [(f.kind, f.target) for f in check_fairness(w(20, 60), [w(60, 62)] * 4)]
+    [('group_decision_shift', 'sex=f')]
+    >>> check_fairness(w(58, 60), [w(60, 62)] * 4)
+    []
+    """
+    fair = window.get("fairness") or {}
+    attribute = fair.get("attribute")
+    candidates = []
+    for group, g in (fair.get("groups") or {}).items():
+        if g.get("positive") is None:
+            continue
+        past = [
+            b["fairness"]["groups"][group]
+            for b in baseline
+            if (b.get("fairness") or {}).get("attribute") == attribute
+            and (b["fairness"].get("groups") or {}).get(group, {}).get("positive") is not None
+        ]
+        if len(past) < min_baseline:
+            continue
+        base_pos, base_n = sum(int(x["positive"]) for x in past), sum(int(x["rows"]) for x in past)
+        rate, base_rate = int(g["positive"]) / int(g["rows"]), base_pos / base_n
+        res = two_proportion(int(g["positive"]), int(g["rows"]), base_pos, base_n)
+        detail = {"rate": rate, "baseline_rate": base_rate, "rows": int(g["rows"]), "baseline_windows": len(past)}
+        candidates.append((f"{attribute}={group}", res.p_value, abs(rate - base_rate), detail))
+    if not candidates:
+        return []
+    keep = benjamini_hochberg([c[1] for c in candidates], q)
+    return [
+        Finding("group_decision_shift", target, p, effect, int(window["rows"]), detail)
+        for (target, p, effect, detail), k in zip(candidates, keep, strict=True)
+        if k and effect >= MIN_EFFECT["group_decision_shift"]
+    ]

@@ -90,6 +90,8 @@ def rank_causes(
             continue
         if f["kind"] == "performance_drop":
             kind, unit = "performance", "fall in accuracy on delayed labels"
+        elif f["kind"] == "group_decision_shift":
+            kind, unit = "fairness", "change in the group's rate of positive decisions"
         elif f["kind"] in _QUALITY:
             kind, unit = "data_quality", f"rise in the {f['kind'].replace('_', ' ')} rate"
         else:
@@ -142,6 +144,9 @@ _ACTIONS = {
     "change is not the model's, so neither a rollback nor retraining will fix it",
     "release": "roll back {target} (`consortia rollout rollback`) and compare it with the previous release before "
     "rolling it out again",
+    "fairness": "review the model's decisions for {target} at {tenant} with its compliance officer before the "
+    "next release; compare with the card's fairness figures and retrain or recalibrate if the change is not "
+    "explained by the population",
     "version_skew": "re-issue the assignment to the affected devices (`consortia edge assign`) and check their "
     "update logs",
 }
@@ -154,6 +159,7 @@ _MEASURE = {
     "out_of_range": "rate up by",
     "performance_drop": "accuracy down by",
     "latency_rise": "p99 up by a relative",
+    "group_decision_shift": "positive-decision rate moved by",
     "error_rise": "error rate up by",
 }
 
@@ -177,6 +183,7 @@ def summarize(incident: dict[str, Any]) -> str:
         "out_of_range": f"{top_finding['target']} went out of its expected range more often",
         "performance_drop": "accuracy on delayed labels fell",
         "latency_rise": "serving latency rose",
+        "group_decision_shift": f"decisions for {top_finding['target']} changed",
         "error_rise": "serving errors rose",
     }.get(top_finding["kind"], top_finding["kind"])
     devices = ", ".join(impact.get("devices", [])) or "its devices"

@@ -18,7 +18,8 @@ infrastructure by difference-in-differences across every device serving the mode
 Impact: the tenant, whether it is regulated, the devices whose windows showed it, and
 the share of the release's traffic (rows in the last hour, consortium-wide) those
 windows carried. Priority: ``P1`` a regulated tenant whose model output moved
-(``prediction_shift``) or any finding with PSI >= 0.25 at a regulated tenant; ``P2`` any
+(``prediction_shift``) or whose decisions for a group of the sensitive attribute moved
+(``group_decision_shift``), or any finding with PSI >= 0.25 at a regulated tenant; ``P2`` any
 other incident at a regulated tenant or one carrying >= 25% of the release's traffic;
 ``P3`` the rest.
 
@@ -36,7 +37,7 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
-from consortia.core.detect import check_operations, check_window
+from consortia.core.detect import check_fairness, check_operations, check_window
 from consortia.core.rca import grounded, operational_causes, rank_causes, summarize
 from consortia.errors import ConsortiaError, PermissionDeniedError
 from consortia.protocol.delivery import MonitoringWindow
@@ -79,6 +80,7 @@ class MonitoringService:
         findings = [f.as_dict() for f in check_window(payload, reference)] if reference is not None else []
         baseline = self.store.device_windows(device.id, window_id, BASELINE)
         findings += [f.as_dict() for f in check_operations(payload, baseline)]
+        findings += [f.as_dict() for f in check_fairness(payload, baseline)]
         self.store.set_window_findings(window_id, findings)
         recent = self.store.recent_windows(device.tenant_id, window.release, LOOKBACK)
         persistent = _persistent(recent)
@@ -148,7 +150,7 @@ class MonitoringService:
             "traffic_share": round(min(share, 1.0), 4),
             "windows": len(flagged),
         }
-        moved = any(f["kind"] == "prediction_shift" for f in persistent)
+        moved = any(f["kind"] in ("prediction_shift", "group_decision_shift") for f in persistent)
         strong = any(f["kind"] in ("covariate_drift", "prediction_shift") and f["effect"] >= 0.25 for f in persistent)
         if tenant.regulated and (moved or strong):
             priority = "P1"
