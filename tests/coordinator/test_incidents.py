@@ -137,11 +137,11 @@ def test_an_llm_rephrasing_is_used_only_when_every_figure_is_grounded(tmp_path):
         server.should_exit = True
 
 
-def test_latency_that_rises_fleet_wide_as_a_canary_starts_is_blamed_on_infrastructure(coord, tmp_path):
-    """The confounded canary: release 2 reaches 4 of 12 devices at the moment p99 rises by
-    20 ms on every device. The incident at hosp-a ranks infrastructure first and gives the
-    release under 10% of the canaries' change; bank-b's devices and windows appear in
-    hosp-a's evidence only as counts."""
+def _canary_fleet(coord, tmp_path, shape) -> tuple[dict[int, str], dict[str, str]]:
+    """Two releases of test-job; 6 devices at hosp-a (regulated) and 6 at bank-b, 2 of each
+    in the canary ring; 20 one-minute windows per device (reference population, re-timed),
+    release 2 reaching the canaries at minute 12. ``shape(window, name, canary, minute)``
+    edits each window's signals. Returns (window id -> device name, device credentials)."""
     from datetime import UTC, datetime, timedelta
 
     coord.admin.post_json("/v1/tenants", {"name": "hosp-a", "regulated": True})
@@ -153,9 +153,7 @@ def test_latency_that_rises_fleet_wide_as_a_canary_starts_is_blamed_on_infrastru
         assert job["state"] == "completed", job["reason"]
         v = coord.http.app.state.store.get_version("test-job", version)
         releases[version] = load_release(coord.http.app.state.governance.releases.paths(v)[0])
-    pool = {
-        v: _windows(r, load_reference(r), synthetic_frame(300 * 12, 42), n=12) for v, r in releases.items()
-    }  # windows of the reference population, re-timed below
+    pool = {v: _windows(r, load_reference(r), synthetic_frame(300 * 12, 42), n=12) for v, r in releases.items()}
     creds, ids = {}, {}
     for tenant in ("hosp-a", "bank-b"):
         for k in range(6):
@@ -167,11 +165,9 @@ def test_latency_that_rises_fleet_wide_as_a_canary_starts_is_blamed_on_infrastru
             )
             creds[f"{tenant}-{k}"] = resp.json()["credential"]
         coord.admin.post_json("/v1/devices/assign", {"model": "test-job", "version": 1, "tenant": tenant})
-    rng = np.random.default_rng(7)
-    base = {name: rng.uniform(0.008, 0.012) for name in creds}
     start = datetime.now(UTC) - timedelta(minutes=40)
     for minute in range(20):
-        if minute == 12:  # the canary starts, and the shared infrastructure slows down at the same moment
+        if minute == 12:
             for tenant in ("hosp-a", "bank-b"):
                 coord.admin.post_json(
                     "/v1/devices/assign",
@@ -183,11 +179,27 @@ def test_latency_that_rises_fleet_wide_as_a_canary_starts_is_blamed_on_infrastru
             w = dict(pool[version][(minute + n) % 12])
             t0 = start + timedelta(minutes=minute)
             w["started_at"], w["ended_at"] = t0.isoformat(), (t0 + timedelta(seconds=59)).isoformat()
-            p99 = base[name] + rng.normal(0, 0.0005) + (0.020 if minute >= 12 else 0.0)
-            w["latency"] = {**w["latency"], "p99": p99}
+            shape(w, name, canary, minute)
             resp = coord.http.post("/v1/devices/me/monitoring", json=w, headers={"Authorization": f"Bearer {cred}"})
             assert resp.status_code == 201, resp.text
             ids[resp.json()["id"]] = name
+    return ids, creds
+
+
+def test_latency_that_rises_fleet_wide_as_a_canary_starts_is_blamed_on_infrastructure(coord, tmp_path):
+    """The confounded canary: release 2 reaches 4 of 12 devices at the moment p99 rises by
+    20 ms on every device. The incident at hosp-a ranks infrastructure first and gives the
+    release under 10% of the canaries' change; bank-b's devices and windows appear in
+    hosp-a's evidence only as counts."""
+    rng = np.random.default_rng(7)
+    base: dict[str, float] = {}
+
+    def shape(w, name, canary, minute):  # the shared infrastructure slows down as the canary starts
+        base.setdefault(name, rng.uniform(0.008, 0.012))
+        p99 = base[name] + rng.normal(0, 0.0005) + (0.020 if minute >= 12 else 0.0)
+        w["latency"] = {**w["latency"], "p99": p99}
+
+    ids, creds = _canary_fleet(coord, tmp_path, shape)
     incidents = coord.admin.get_json("/v1/incidents")
     assert incidents and all(i["findings"][0]["kind"] == "latency_rise" for i in incidents)
     (canary,) = [i for i in incidents if i["tenant"] == "hosp-a" and i["release"] == "test-job:2"]
@@ -202,6 +214,30 @@ def test_latency_that_rises_fleet_wide_as_a_canary_starts_is_blamed_on_infrastru
     assert "bank-b" not in str(canary["causes"]) and "bank-b" not in canary["summary"]
     assert "Top cause: infrastructure (latency_p99_ms)" in canary["summary"]
     assert "neither a rollback nor retraining" in canary["summary"]
+
+
+def test_accuracy_that_falls_only_where_the_release_went_is_blamed_on_the_release(coord, tmp_path):
+    """Delayed labels: accuracy falls from 90% to 60% on the 4 canaries after release 2
+    reached them, and stays on the 8 others. The canary incident's top cause is the release
+    (difference-in-differences, about -30 points, interval below 0), with a rollback as
+    the recommended action."""
+    rng = np.random.default_rng(11)
+
+    def shape(w, name, canary, minute):
+        acc = 0.6 if canary and minute >= 12 else 0.9
+        w["label_counts"] = {"labelled": 200, "correct": int(rng.binomial(200, acc))}
+        w["labelled"] = {}
+
+    _canary_fleet(coord, tmp_path, shape)
+    incidents = coord.admin.get_json("/v1/incidents")
+    (canary,) = [i for i in incidents if i["tenant"] == "hosp-a" and i["release"] == "test-job:2"]
+    assert canary["findings"][0]["kind"] == "performance_drop"
+    top = canary["causes"][0]
+    assert (top["kind"], top["target"], top["method"]) == ("release", "test-job:2", "difference-in-differences")
+    assert top["effect"] == pytest.approx(-0.3, abs=0.05) and top["ci"][1] < 0
+    assert not any(c["kind"] == "performance" and c["method"] == "detection" for c in canary["causes"])
+    assert "Recommended: roll back test-job:2" in canary["summary"]
+    assert not [i for i in incidents if i["release"] == "test-job:1"]  # the controls are fine
 
 
 def test_a_region_is_judged_against_its_own_population(coord, tmp_path):

@@ -39,6 +39,7 @@ __all__ = ["grounded", "operational_causes", "rank_causes", "release_vs_infrastr
 
 _QUALITY = ("missing_spike", "out_of_range")
 _OPERATIONS = {"latency_rise": "latency_p99_ms", "error_rise": "error_rate"}
+_SPLIT = {**_OPERATIONS, "performance_drop": "accuracy"}  # symptoms a release change may explain
 
 
 def rank_causes(
@@ -88,6 +89,8 @@ def rank_causes(
     for f in findings:
         if f["target"] in explained or f["kind"] in ("prediction_shift", *_OPERATIONS):
             continue
+        if any(c.get("finding") == f["kind"] for c in operational):
+            continue  # already split between a release and the rest
         if f["kind"] == "performance_drop":
             kind, unit = "performance", "fall in accuracy on delayed labels"
         elif f["kind"] == "group_decision_shift":
@@ -354,7 +357,8 @@ def operational_causes(
     tenant_id: int,
     own_windows: Sequence[int] = (),
 ) -> list[dict[str, Any]]:
-    """Release and infrastructure causes of an incident's latency or error findings.
+    """Release and infrastructure causes of an incident's latency or error findings, and
+    release vs a fleet-wide change for an accuracy drop on delayed labels.
 
     ``fleet``: operational summaries of every recent window of the model's releases,
     consortium-wide (``{"id", "device_id", "tenant_id", "release", "started_at",
@@ -366,13 +370,15 @@ def operational_causes(
     out: list[dict[str, Any]] = []
     change = _latest_change(fleet)
     for f in findings:
-        metric = _OPERATIONS.get(f["kind"])
+        metric = _SPLIT.get(f["kind"])
         if metric is None:
             continue
         split = None
         if change is not None:
             rows = [{**w, "device": w["device_id"]} for w in fleet]
             split = release_vs_infrastructure(rows, metric, change[0], change[1])
+        if split is None and f["kind"] == "performance_drop":
+            continue  # no release change in view: the ranking's own performance cause stands
         if split is None:
             out.append(
                 {
@@ -403,5 +409,9 @@ def operational_causes(
                 "means": {k: [round(x, 4) for x in v] for k, v in ev["means"].items()},
                 "switch_at": ev["switch_at"],
             }
+            c["finding"] = f["kind"]
+            if c["kind"] == "infrastructure" and f["kind"] == "performance_drop":
+                # what moved on every cohort alike is the world, not the serving hosts
+                c["kind"], c["unit"] = "performance", "change of accuracy on devices that did not receive the release"
             out.append(c)
     return out

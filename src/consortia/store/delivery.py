@@ -223,7 +223,7 @@ class DeliveryStore(GovernanceStore):
     def model_windows(self, model: str, since: datetime, limit: int = 5000) -> list[dict[str, Any]]:
         """Operational summaries of every window of any release of ``model`` that ended
         after ``since``, consortium-wide, oldest first: ``{"id", "device_id", "tenant_id",
-        "release", "started_at", "ended_at", "latency_p99_ms", "error_rate"}``. For
+        "release", "started_at", "ended_at", "latency_p99_ms", "error_rate", "accuracy"}``. For
         comparisons across cohorts only; callers redact other tenants' identities."""
         with self._tx() as s:
             q = (
@@ -238,6 +238,8 @@ class DeliveryStore(GovernanceStore):
                     continue  # LIKE's wildcards may match more than the model's name
                 p99 = (w.payload.get("latency") or {}).get("p99")
                 calls = int(w.payload.get("requests", 0)) + int(w.payload.get("errors", 0))
+                labels = w.payload.get("label_counts") or {}
+                labelled = int(labels.get("labelled", 0))
                 out.append(
                     {
                         "id": w.id,
@@ -248,6 +250,7 @@ class DeliveryStore(GovernanceStore):
                         "ended_at": w.ended_at.isoformat(),
                         "latency_p99_ms": None if p99 is None else 1000.0 * float(p99),
                         "error_rate": int(w.payload.get("errors", 0)) / calls if calls else None,
+                        "accuracy": int(labels.get("correct", 0)) / labelled if labelled else None,
                     }
                 )
             return out[::-1]

@@ -89,7 +89,7 @@ class MonitoringService:
             told = ((device.instruction or {}).get("instruction") or {}).get("release")
             instructed = f"{told['model']}:{told['version']}" if told else None
             operational: list[dict[str, Any]] = []
-            if any(f["kind"] in ("latency_rise", "error_rise") for f in persistent):
+            if any(f["kind"] in ("latency_rise", "error_rise", "performance_drop") for f in persistent):
                 fleet = self.store.model_windows(model, utcnow() - FLEET_HORIZON)
                 own = [w["id"] for w in recent if w.get("findings")]
                 operational = operational_causes(persistent, fleet, tenant_id=device.tenant_id, own_windows=own)
