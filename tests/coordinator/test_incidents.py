@@ -5,6 +5,8 @@ audited resolution."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 from fastapi import Request
@@ -265,6 +267,20 @@ def test_a_region_is_judged_against_its_own_population(coord, tmp_path):
     (incident,) = coord.admin.get_json("/v1/incidents")
     assert incident["tenant"] == "newcomer"
     assert ("covariate_drift", "x1") in {(f["kind"], f["target"]) for f in incident["findings"]}
+    # a device fetches its own tenant's reference (for attribution at the device), never another's
+    blobs = coord.http.app.state.blobs
+    for tenant, want in (("b", 200), ("newcomer", 404)):
+        cred = _device(coord, tenant, f"kiosk-{tenant}")
+        resp = coord.http.get("/v1/devices/me/references/test-job/1", headers={"Authorization": f"Bearer {cred}"})
+        assert resp.status_code == want, resp.text
+    b_ref = json.loads(blobs.get(v.lineage["reference"]["per_tenant"]["b"]))
+    cred = _device(coord, "b", "kiosk-b2")
+    got = coord.http.get("/v1/devices/me/references/test-job/1", headers={"Authorization": f"Bearer {cred}"}).json()
+    assert got == b_ref and got != json.loads(blobs.get(v.lineage["reference"]["per_tenant"]["a"]))
+    from consortia.errors import PermissionDeniedError
+
+    with pytest.raises(PermissionDeniedError, match="only a device credential"):
+        coord.admin.get_json("/v1/devices/me/references/test-job/1")
 
 
 def test_decisions_that_change_for_one_group_open_a_fairness_incident(coord, tmp_path):

@@ -73,6 +73,7 @@ def create_app(settings: Settings) -> FastAPI:
     device_service.publish = lambda model, version: governance.sync_tuf({(model, version)})
     monitoring = MonitoringService(store, settings.llm_url, settings.llm_model, blobs)
     device_service.monitor = monitoring.on_window
+    device_service.blobs = blobs
     rollout_service = RolloutService(store, device_service, governance)
     automation = AutomationService(store, rounds, rollout_service, governance)
     monitoring.on_incident = automation.on_incident

@@ -100,6 +100,11 @@ class EdgeAgent:
                 self.release = load_release(self._dir(self.state["release"]))
             except ConsortiaError as exc:  # the last known good bundle was damaged on disk
                 self.status, self.reason = "failed", f"last known good release unusable: {exc.message}"
+        if monitoring is not None and "references" not in monitoring:
+            # where the device keeps its tenant's own references (a site passes its own)
+            monitoring = {**monitoring, "references": home / "references"}
+        # fetched at install time, kept on disk: a restart offline still finds it
+        self.references = Path(monitoring["references"]) if monitoring is not None else None
         self.app = create_serving_app(self.release, serving_token, monitoring)
 
     # ------------------------------------------------------------------ identity and state
@@ -201,6 +206,7 @@ class EdgeAgent:
             target = self._dir(release)
             self.updater.fetch_release(release["model"], release["version"], target)
             new = load_release(target)  # verifies again and runs the signed smoke test
+            self._fetch_reference(new)
             self.app.state.serving.activate(new)
             self.release = new
             newest = self.state.setdefault("max_versions", {})
@@ -211,6 +217,27 @@ class EdgeAgent:
         self._set_preview(preview)
         self.state["counter"] = body["counter"]
         self._save_lkg()
+
+    def _fetch_reference(self, release: Any) -> None:
+        """Keep this tenant's own training reference of ``release`` (if its sites trained
+        it) where the window monitor looks for it, so drift is attributed against the
+        tenant's population rather than the consortium's. Best effort: without it the
+        release's own reference applies."""
+        if self.references is None:
+            return
+        path = self.references / "by-params" / f"{release.manifest['params_hash']}.json"
+        if path.exists():
+            return
+        model, _, version = release.ref.rpartition(":")
+        try:
+            profile = self.client.get_json(f"/v1/devices/me/references/{model}/{version}")
+        except ConsortiaError as exc:
+            log.info("no tenant reference for %s: %s", release.ref, exc.message)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(profile, sort_keys=True))
+        tmp.replace(path)
 
     def _set_preview(self, preview: dict[str, Any] | None) -> None:
         """Install (or drop) the release to score in shadow; failures are reported as the

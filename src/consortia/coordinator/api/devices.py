@@ -67,6 +67,12 @@ async def report(body: DeviceReport, devices: Devices, who: DevicePrincipal) -> 
     return devices.report(who, body)
 
 
+@router.get("/devices/me/references/{model}/{version}")
+def my_reference(model: str, version: int, devices: Devices, who: DevicePrincipal) -> dict[str, Any]:
+    """The calling device's tenant's own training reference of a release (for attribution)."""
+    return devices.reference(who, model, version)
+
+
 @router.post("/devices/me/monitoring", status_code=201)
 async def monitoring_window(body: MonitoringWindow, devices: Devices, who: DevicePrincipal) -> dict[str, Any]:
     """A serving agent's monitoring window (aggregates only, small counts suppressed)."""

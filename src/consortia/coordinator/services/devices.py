@@ -3,6 +3,7 @@ per-device instructions (the director), and reports of what each device serves."
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -12,7 +13,7 @@ from consortia.coordinator.keys import CoordinatorKeys
 from consortia.coordinator.settings import Settings
 from consortia.coordinator.tufrepo import TufRepository
 from consortia.edge.updater import sign_instruction
-from consortia.errors import ConflictError, PermissionDeniedError, ValidationError
+from consortia.errors import ConflictError, NotFoundError, PermissionDeniedError, ValidationError
 from consortia.protocol.delivery import (
     AssignRequest,
     DeviceEnrolled,
@@ -71,6 +72,8 @@ class DeviceService:
         self.publish: Callable[[str, int], None] | None = None
         # checks a stored monitoring window (findings, incidents); the app wires MonitoringService.on_window
         self.monitor: Callable[[Device, int, MonitoringWindow], Any] | None = None
+        # reads tenants' reference profiles (blobs); the app wires its BlobStore here
+        self.blobs: Any = None
 
     def enrollment_token(self, principal: Principal, tenant: str) -> dict[str, Any]:
         t = self.store.get_tenant(tenant)
@@ -116,6 +119,20 @@ class DeviceService:
         if principal.role != "device" or principal.device_id is None:
             raise PermissionDeniedError("only a device credential may do this.")
         return self.store.get_device(principal.device_id)
+
+    def reference(self, principal: Principal, model: str, version: int) -> dict[str, Any]:
+        """The calling device's own tenant's training reference of ``model:version`` (the
+        histograms its sites sent, coarsened), for attributing drift against its own
+        population; never another tenant's."""
+        d = self._me(principal)
+        v = self.store.get_version(model, version)
+        digest = ((v.lineage.get("reference") or {}).get("per_tenant") or {}).get(d.tenant)
+        if digest is None or self.blobs is None:
+            raise NotFoundError(
+                f"tenant {d.tenant!r} has no reference of its own for {v.ref} (no site of it trained the model); "
+                "the release's consortium reference applies."
+            )
+        return json.loads(self.blobs.get(digest))  # type: ignore[no-any-return]
 
     def instruction(self, principal: Principal) -> dict[str, Any] | None:
         return self._me(principal).instruction
