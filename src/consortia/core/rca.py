@@ -68,7 +68,12 @@ def rank_causes(
             lo = sum(r["ci"][0] for r in rec) / len(rec)
             hi = sum(r["ci"][1] for r in rec) / len(rec)
             own = by_target.get(name, [])
-            quality = any(f["kind"] in _QUALITY for f in own) and not any(f["kind"] == "covariate_drift" for f in own)
+            # what the feature did in any recent window (persistence picks which findings
+            # count, not what kind of change it was): a shift that also pushes values out of
+            # range is a distribution change, not a broken feed
+            seen = [x["kind"] for w in windows for x in w.get("findings", []) if x["target"] == name]
+            seen += [f["kind"] for f in own]
+            quality = any(k in _QUALITY for k in seen) and "covariate_drift" not in seen
             causes.append(
                 {
                     "kind": "data_quality" if quality else "feature_drift",
