@@ -39,10 +39,9 @@ from typing import Any
 
 import httpx
 import yaml
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from pydantic import ValidationError as PydanticValidationError
 
+from consortia.coordinator.services.governance import signing_key
 from consortia.core.audit import canonical
 from consortia.core.rollout import RolloutPlan
 from consortia.errors import ConflictError, ConsortiaError, NotFoundError, PermissionDeniedError, ValidationError
@@ -258,17 +257,7 @@ class AutomationService:
         keys = self.store.approver_keys(principal.tenant_id)
         if not keys:
             raise ConflictError(f"tenant {principal.tenant!r} has no approval key; run `consortia approver keygen`.")
-        message = automation_approval_message(payload)
-        fingerprint = None
-        for public_hex, fp in keys:
-            try:
-                Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)).verify(
-                    bytes.fromhex(req.signature), message
-                )
-            except InvalidSignature:
-                continue
-            fingerprint = fp
-            break
+        fingerprint = signing_key(keys, automation_approval_message(payload), req.signature)
         if fingerprint is None:
             raise PermissionDeniedError(
                 f"the signature does not verify with any approval key of tenant {principal.tenant!r}."

@@ -35,7 +35,7 @@ from consortia.store.blobs import BlobStore
 from consortia.store.entities import AuditEntry, ModelVersion, Principal, utcnow
 from consortia.store.sqlstore import SqlStore
 
-__all__ = ["APPROVAL_MAX_SKEW", "RETAIN_PER_MODEL", "GovernanceService"]
+__all__ = ["APPROVAL_MAX_SKEW", "RETAIN_PER_MODEL", "GovernanceService", "signing_key"]
 
 log = logging.getLogger("consortia.coordinator.governance")
 
@@ -266,13 +266,8 @@ class GovernanceService:
         keys = self.store.approver_keys(principal.tenant_id)
         if not keys:
             raise ConflictError(f"tenant {principal.tenant!r} has no approval key; run `consortia approver keygen`.")
-        message = approval_message(payload)
-        signature = bytes.fromhex(req.signature)
-        for public_hex, fp in keys:
-            try:
-                Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)).verify(signature, message)
-            except InvalidSignature:
-                continue
+        fp = signing_key(keys, approval_message(payload), req.signature)
+        if fp is not None:
             self.store.record_approval(
                 v,
                 stage=payload.stage,
@@ -453,3 +448,16 @@ class GovernanceService:
             "log_size": 0 if last is None else last.seq + 1,
             "versions": rows,
         }
+
+
+def signing_key(keys: list[tuple[str, str]], message: bytes, signature_hex: str) -> str | None:
+    """The fingerprint of the tenant approver key (``(public hex, fingerprint)`` pairs)
+    whose Ed25519 signature over ``message`` verifies, or None."""
+    signature = bytes.fromhex(signature_hex)
+    for public_hex, fp in keys:
+        try:
+            Ed25519PublicKey.from_public_bytes(bytes.fromhex(public_hex)).verify(signature, message)
+        except InvalidSignature:
+            continue
+        return fp
+    return None

@@ -245,10 +245,19 @@ class RoundService:
             if getattr(req, key) is not None:
                 raw[key] = getattr(req, key)
         spec = parse_spec(raw)
+        return self._start_from(
+            base, spec, principal, "adapter_started", {"base": base.ref, "site": site.name, "params": params}
+        )
+
+    def _start_from(
+        self, base: ModelVersion, spec: JobSpec, principal: Principal, event: str, detail: dict[str, Any]
+    ) -> Job:
+        """Create the job and open its round 1 from ``base``'s weights and preprocessing
+        plan (no profile round: the agreed bins and vocabularies stay)."""
         canonical = spec.model_dump(mode="json")
         spec_hash = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
         job = self.store.create_job(spec.name, canonical, spec_hash, principal.credential_id, principal.name)
-        self.store.add_event(job.id, "adapter_started", {"base": base.ref, "site": site.name, "params": params})
+        self.store.add_event(job.id, event, detail)
         self._open(
             job.id,
             spec,
@@ -283,20 +292,9 @@ class RoundService:
             raise ConflictError(
                 f"retraining {base.ref} needs {spec.min_sites} active sites; {len(sites)} are enrolled and active."
             )
-        canonical = spec.model_dump(mode="json")
-        spec_hash = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-        job = self.store.create_job(spec.name, canonical, spec_hash, principal.credential_id, principal.name)
-        self.store.add_event(job.id, "retrain_started", {"warm_start": base.ref, "rounds": spec.rounds})
-        self._open(
-            job.id,
-            spec,
-            1,
-            0,
-            "train",
-            base.params_hash,
-            job_fields={"preprocessing": base.lineage["preprocessing"], "global_hash": base.params_hash},
+        return self._start_from(
+            base, spec, principal, "retrain_started", {"warm_start": base.ref, "rounds": spec.rounds}
         )
-        return self.store.get_job(job.id)
 
     def recover(self, grace_fraction: float) -> None:
         """After a restart: give open rounds back part of their deadline, since sites could
