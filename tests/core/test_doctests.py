@@ -14,6 +14,7 @@ MODULES = [
     "consortia.core.merkle",
     "consortia.core.metrics",
     "consortia.core.profile",
+    "consortia.core.robust",
     "consortia.core.strategies",
 ]
 
