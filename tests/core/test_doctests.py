@@ -13,6 +13,7 @@ MODULES = [
     "consortia.core.drift",
     "consortia.core.merkle",
     "consortia.core.metrics",
+    "consortia.core.privacy",
     "consortia.core.profile",
     "consortia.core.robust",
     "consortia.core.strategies",
