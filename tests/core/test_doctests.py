@@ -16,6 +16,7 @@ MODULES = [
     "consortia.core.privacy",
     "consortia.core.profile",
     "consortia.core.robust",
+    "consortia.core.secagg",
     "consortia.core.strategies",
 ]
 
