@@ -141,10 +141,7 @@ class SecAggConfig:
     @property
     def k(self) -> int:
         n = len(self.sites)
-        if self.degree is None:
-            k = min(n - 1, 2 * math.ceil(math.log2(n)) + 2)
-        else:
-            k = self.degree
+        k = min(n - 1, 2 * math.ceil(math.log2(n)) + 2) if self.degree is None else self.degree
         if k < n - 1 and k % 2:
             k += 1
         if not (1 <= k <= n - 1):
