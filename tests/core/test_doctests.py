@@ -9,6 +9,7 @@ import pytest
 
 MODULES = [
     "consortia.core.aggregate",
+    "consortia.core.compression",
     "consortia.core.detect",
     "consortia.core.drift",
     "consortia.core.merkle",
