@@ -136,3 +136,23 @@ def test_healthcare_sites_refuse_fake_first_name_as_a_feature(coord, tmp_path):
     )
     # exactly the template: column name and detector kind, no value from the data
     assert refusals(job) == {site: expected for site in sc.partitions}
+
+
+def test_dp_requirements_are_checked_against_the_jobs_privacy_settings():
+    from consortia.protocol.schemas import JobSpec
+    from consortia.site.policy import check_task
+
+    frame = synthetic_frame(50, 1)
+    policy = SitePolicy.model_validate({"privacy": {"require_dp": True, "max_epsilon": 3.0}})
+    plain = JobSpec.model_validate(SPEC)
+    refusal = check_task(policy, "train", plain, frame)
+    assert refusal is not None and refusal.rule == "policy.privacy.require_dp"
+    loose = JobSpec.model_validate(
+        {**SPEC, "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, "epsilon_budget": 8.0}}
+    )
+    refusal = check_task(policy, "train", loose, frame)
+    assert refusal is not None and refusal.rule == "policy.privacy.max_epsilon" and "8.0 exceeds" in refusal.reason
+    tight = JobSpec.model_validate(
+        {**SPEC, "privacy": {"noise_multiplier": 1.0, "clip_norm": 1.0, "epsilon_budget": 2.5}}
+    )
+    assert check_task(policy, "train", tight, frame) is None

@@ -231,6 +231,37 @@ def site_approve_release(
     console.print(f"{ref} approved locally for this site; its serving agent installs it on its next poll.")
 
 
+@site_app.command("list")
+def site_list(
+    tenant: Annotated[str | None, typer.Option(help="only this tenant's sites")] = None,
+    coordinator: CoordinatorOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """List sites with their status (active, or quarantined by a robust job)."""
+    with _client(coordinator, token, home) as c:
+        sites = c.get_json("/v1/sites" + (f"?tenant={tenant}" if tenant else ""))
+    table = Table("site", "tenant", "status", "last seen")
+    for s in sites:
+        status = f"[red]{s['status']}[/]" if s["status"] != "active" else s["status"]
+        table.add_row(s["name"], s["tenant"], status, s["last_seen_at"] or "-")
+    console.print(table)
+
+
+@site_app.command("release")
+def site_release(
+    name: str,
+    reason: Annotated[str, typer.Option(help="why the site is trusted again (goes to the audit log)")],
+    coordinator: CoordinatorOpt = DEFAULT_URL,
+    token: TokenOpt = None,
+    home: HomeOpt = None,
+) -> None:
+    """Release a quarantined site so the next rounds sample it again."""
+    with _client(coordinator, token, home) as c:
+        out = c.post_json(f"/v1/sites/{name}/release", {"reason": reason})
+    console.print(f"site [bold]{escape(out['name'])}[/] ({escape(out['tenant'])}) is {out['status']} again.")
+
+
 @site_app.command("labels")
 def site_labels(
     file: Annotated[Path, typer.Argument(help="CSV or Parquet with a record id and the outcome per row")],

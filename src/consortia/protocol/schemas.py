@@ -106,6 +106,39 @@ class StrategySpec(_Strict):
     options: dict[str, float] = Field(default_factory=dict)
 
 
+class RobustSpec(_Strict):
+    """Byzantine-robust aggregation in place of the weighted mean (see
+    :mod:`consortia.core.robust`); the server strategy still applies the result."""
+
+    rule: Literal["centered_clip", "krum", "multi_krum", "median", "trimmed_mean", "bulyan", "norm_bound"] = (
+        "centered_clip"
+    )
+    options: dict[str, float] = Field(default_factory=dict, description="e.g. {f: 4} Byzantine sites to tolerate")
+    quarantine_after: int = Field(
+        default=3, ge=1, le=1000, description="consecutive flagged or rejected updates before a site is quarantined"
+    )
+
+
+class AdaptiveClipSpec(_Strict):
+    """Adaptive clipping (Andrew et al. 2021): the norm follows a quantile of update norms."""
+
+    quantile: float = Field(default=0.5, gt=0.0, lt=1.0)
+    learning_rate: float = Field(default=0.2, gt=0.0, le=10.0)
+
+
+class PrivacySpec(_Strict):
+    """Client-level DP-FedAvg with central noise (see :mod:`consortia.core.privacy`)."""
+
+    noise_multiplier: float = Field(gt=0.0, le=1000.0, description="z: noise std on the sum is z * clip_norm")
+    clip_norm: float = Field(gt=0.0, le=1e6, description="S: each site's update delta is clipped to this L2 norm")
+    adaptive_clipping: AdaptiveClipSpec | None = None
+    delta: float = Field(default=1e-5, gt=0.0, lt=1.0)
+    accountant: Literal["rdp", "pld"] = "rdp"
+    epsilon_budget: float = Field(
+        gt=0.0, le=1000.0, description="per tenant and registered model, across every job; rounds stop before it"
+    )
+
+
 class PreprocessingSpec(_Strict):
     """How preprocessing statistics are agreed across sites."""
 
@@ -180,6 +213,8 @@ class JobSpec(_Strict):
     features: list[FeatureSpec] = Field(min_length=1)
     label: LabelSpec
     strategy: StrategySpec = StrategySpec()
+    robust: RobustSpec | None = Field(default=None, description="Byzantine-robust aggregation")
+    privacy: PrivacySpec | None = Field(default=None, description="client-level differential privacy")
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     rounds: int = Field(ge=1, le=10_000)
     min_sites: int = Field(default=2, ge=1)
@@ -216,6 +251,12 @@ class JobSpec(_Strict):
             raise ValueError(f"label.column {self.label.column!r} is also listed as a feature")
         if self.card.sensitive_attribute == self.label.column:
             raise ValueError("card.sensitive_attribute cannot be the label column")
+        if self.robust is not None and self.privacy is not None and self.robust.rule != "norm_bound":
+            raise ValueError(
+                f"robust.rule {self.robust.rule!r} cannot be combined with privacy: the DP guarantee needs each "
+                "site's influence on the result bounded by clip_norm / m, which only the mean of clipped updates "
+                "has. DP clipping already bounds every update's norm; drop `robust`, or use rule norm_bound."
+            )
         return self
 
     @property
@@ -439,6 +480,10 @@ class CredentialPublic(BaseModel):
     tenant: str | None
     token: str
     expires_at: datetime
+
+
+class SiteRelease(_Strict):
+    reason: str = Field(min_length=3, max_length=2000, description="why the operator trusts the site again")
 
 
 class SitePublic(BaseModel):

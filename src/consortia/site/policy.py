@@ -115,12 +115,19 @@ def check_task(policy: SitePolicy, kind: str, spec: JobSpec, frame: pd.DataFrame
     denied = [c for c in used if c in policy.denied_columns]
     if denied:
         return PolicyRefusal("policy.denied_columns", f"column(s) {denied} are denied by this site's policy.")
-    if policy.privacy.require_dp:
+    if policy.privacy.require_dp and spec.privacy is None:
         return PolicyRefusal(
             "policy.privacy.require_dp",
             "this site requires differential privacy"
             + (f" with epsilon <= {policy.privacy.max_epsilon}" if policy.privacy.max_epsilon else "")
             + "; the job does not use it.",
+        )
+    max_eps = policy.privacy.max_epsilon
+    if spec.privacy is not None and max_eps is not None and spec.privacy.epsilon_budget > max_eps:
+        return PolicyRefusal(
+            "policy.privacy.max_epsilon",
+            f"the job's epsilon budget {spec.privacy.epsilon_budget} exceeds this site's maximum {max_eps}; "
+            "lower privacy.epsilon_budget in the job spec.",
         )
     if policy.privacy.require_secure_aggregation:
         return PolicyRefusal(

@@ -10,9 +10,9 @@ from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from consortia.errors import AuthError, ConflictError, NotFoundError
-from consortia.store.automation import AutomationStore
 from consortia.store.entities import Principal, Site, Tenant, utcnow
 from consortia.store.models import CredentialRow, EnrollmentTokenRow, SiteRow, TenantRow
+from consortia.store.safeguards import SafeguardStore
 
 __all__ = ["IdentityStore"]
 
@@ -21,7 +21,7 @@ def _tenant(r: TenantRow) -> Tenant:
     return Tenant(r.id, r.name, r.regulated, r.created_at)
 
 
-class IdentityStore(AutomationStore):
+class IdentityStore(SafeguardStore):
     """Tenants, sites and credentials; expects ``_tx()`` and ``_sign`` like its base."""
 
     # ------------------------------------------------------------------ tenants and sites

@@ -9,6 +9,7 @@ from sqlalchemy import (
     JSON,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -25,6 +26,7 @@ __all__ = [
     "Base",
     "CredentialRow",
     "DeviceRow",
+    "DpLedgerRow",
     "RolloutRow",
     "EnrollmentTokenRow",
     "JobEventRow",
@@ -407,4 +409,22 @@ class AutomationRunRow(Base):
     tenants: Mapped[dict[str, Any]]
     steps: Mapped[dict[str, Any]]
     created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class DpLedgerRow(Base):
+    """Privacy spent by one job for one tenant's data on one registered model: ``rounds``
+    Poisson-sampled Gaussian mechanisms of rate ``q`` and noise multiplier ``z``.
+    Charged when a round opens (before anything is released), so a crash never
+    under-counts."""
+
+    __tablename__ = "dp_ledger"
+    __table_args__ = (UniqueConstraint("tenant", "model", "job_id", name="uq_dp_ledger_entry"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    tenant: Mapped[str] = mapped_column(String(63), index=True)
+    model: Mapped[str] = mapped_column(String(63), index=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id"), index=True)
+    q: Mapped[float] = mapped_column(Float)
+    noise_multiplier: Mapped[float] = mapped_column(Float)
+    rounds: Mapped[int] = mapped_column(Integer)
     updated_at: Mapped[datetime]

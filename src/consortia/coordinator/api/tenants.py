@@ -15,6 +15,7 @@ from consortia.protocol.schemas import (
     EnrollRequest,
     EnrollResponse,
     SitePublic,
+    SiteRelease,
     TenantCreate,
     TenantCreated,
     TenantPublic,
@@ -52,6 +53,12 @@ async def new_enrollment(name: str, tenants: TenantsDep, who: Operator) -> Enrol
 @router.get("/sites", response_model=list[SitePublic])
 def list_sites(tenants: TenantsDep, who: Reader, tenant: Annotated[str | None, Query()] = None) -> list[SitePublic]:
     return tenants.list_sites(who, tenant)
+
+
+@router.post("/sites/{name}/release", response_model=SitePublic)
+async def release_site(name: str, body: SiteRelease, tenants: TenantsDep, who: Operator) -> SitePublic:
+    """Release a quarantined site (its updates were repeatedly flagged or rejected)."""
+    return tenants.release_site(who, name, body.reason)
 
 
 @router.post("/credentials", status_code=201, response_model=CredentialPublic)

@@ -38,6 +38,13 @@ from consortia.coordinator.services.results import (
     round_metrics,
     update_metadata,
 )
+from consortia.coordinator.services.safeguards import (
+    budget_check,
+    check_spec,
+    privacy_summary,
+    quarantine_flagged,
+    safeguarded_mean,
+)
 from consortia.core.aggregate import WeightedSum
 from consortia.core.params import Params, check_compatible
 from consortia.core.strategies import make_strategy
@@ -64,7 +71,7 @@ from consortia.protocol.schemas import (
 )
 from consortia.protocol.tensors import decode, encode
 from consortia.store.blobs import BlobStore
-from consortia.store.entities import Job, ModelVersion, Principal, Round, Site, Task, utcnow
+from consortia.store.entities import Job, ModelVersion, Principal, Round, Site, Task, Update, utcnow
 from consortia.store.sqlstore import SqlStore
 
 __all__ = ["RoundService", "SiteNotifier", "parse_spec"]
@@ -92,6 +99,7 @@ def parse_spec(raw: Any) -> JobSpec:
         make_strategy(spec.strategy.name, options)
     except ConsortiaError as exc:
         raise SpecError(f"strategy.options: {exc.message}") from exc
+    check_spec(spec)
     return spec
 
 
@@ -167,8 +175,17 @@ class RoundService:
         kind: str,
         global_in: str | None,
         **close: Any,
-    ) -> Round:
-        sites = self._sample(spec, self._eligible(spec), number, attempt, kind)
+    ) -> Round | None:
+        eligible = self._eligible(spec)
+        sites = self._sample(spec, eligible, number, attempt, kind)
+        if kind == "train" and spec.privacy is not None and sites:
+            q = len(sites) / len(eligible)
+            tenants = sorted({s.tenant for s in eligible})
+            ok, detail = budget_check(self.store, spec, tenants, q)
+            if not ok:
+                return self._stop_at_budget(job_id, spec, number, global_in, detail, **close)
+            epsilons = {t: d["after_round"] for t, d in detail["tenants"].items()}
+            self.store.charge_round(job_id, spec.registered_model, tenants, q, spec.privacy.noise_multiplier, epsilons)
         rnd = self.store.open_round(
             job_id=job_id,
             number=number,
@@ -181,6 +198,24 @@ class RoundService:
         )
         self.notifier.wake([s.id for s in sites])
         return rnd
+
+    def _stop_at_budget(
+        self, job_id: int, spec: JobSpec, number: int, global_in: str | None, detail: dict[str, Any], **close: Any
+    ) -> Round | None:
+        """The next round would take a tenant past its privacy budget: evaluate and
+        register what the rounds so far trained, or fail the job if there were none."""
+        over = {t: d for t, d in detail["tenants"].items() if d["after_round"] > detail["budget"]}
+        reason = (
+            f"privacy budget: round {number} would take "
+            + ", ".join(f"{t} from epsilon {d['spent']:.3f} to {d['after_round']:.3f}" for t, d in over.items())
+            + f", over the budget {detail['budget']} (delta {detail['delta']}) for model {spec.registered_model!r}"
+        )
+        self.store.add_event(job_id, "privacy_budget_reached", {"reason": reason, **detail})
+        log.warning("job %s: %s", job_id, reason)
+        if number > 1 and global_in is not None:
+            return self._open(job_id, spec, number, 0, "evaluate", global_in, **close)
+        self.store.finish_job(job_id, state="failed", reason=f"{reason}; no round could run.", **close)
+        return None
 
     # ------------------------------------------------------------------ jobs
 
@@ -515,13 +550,21 @@ class RoundService:
         assert rnd.global_in is not None
         current = self.params(rnd.global_in)
         state = decode(self.blobs.get(job.state_hash))[0] if job.state_hash else {}
-        new_params, new_state = await asyncio.to_thread(
-            self._aggregate, spec, rnd.number, current, state, [(u.blob_hash, u.num_examples) for u in updates]
+        new_params, new_state, info = await asyncio.to_thread(
+            self._aggregate, spec, rnd.number, current, state, updates, len(rnd.tasks)
         )
         global_hash = self.blobs.put(encode(new_params))
         state_hash = self.blobs.put(encode(new_state)) if new_state else None
         crash_point("model_written", rnd.number)
-        metrics = round_metrics(updates)
+        metrics = {**round_metrics(updates), **info}
+        if spec.robust is not None:  # before the next round is sampled, so it leaves them out
+            rounds = [
+                r if r.id != rnd.id else dataclasses.replace(_closed(r), metrics=metrics)
+                for r in self.store.job_rounds(job.id)
+            ]
+            quarantined = quarantine_flagged(self.store, spec, job.id, rounds, self._eligible(spec))
+            if quarantined:
+                metrics["quarantined"] = quarantined
         close = {
             "close": rnd,
             "close_fields": {"global_out": global_hash, "state_out": state_hash, "metrics": metrics},
@@ -533,22 +576,36 @@ class RoundService:
             self._open(job.id, spec, rnd.number + 1, 0, "evaluate", global_hash, **close)
 
     def _aggregate(
-        self, spec: JobSpec, number: int, current: Params, state: Params, updates: list[tuple[str, int]]
-    ) -> tuple[Params, Params]:
+        self, spec: JobSpec, number: int, current: Params, state: Params, updates: list[Update], expected: int
+    ) -> tuple[Params, Params, dict[str, Any]]:
         if spec.adapter is not None:  # aggregate the adapter; the base's tensors stay as they are
             names = spec.adapter.params
-            new, new_state = self._aggregate(
-                spec.model_copy(update={"adapter": None}), number, {k: current[k] for k in names}, state, updates
+            new, new_state, info = self._aggregate(
+                spec.model_copy(update={"adapter": None}),
+                number,
+                {k: current[k] for k in names},
+                state,
+                updates,
+                expected,
             )
-            return {**current, **new}, new_state
+            return {**current, **new}, new_state, info
+        strategy = make_strategy(spec.strategy.name, spec.strategy.options)
+        strategy_state = {k: v for k, v in state.items() if not k.startswith("privacy/")}
+        if spec.robust is not None or spec.privacy is not None:
+            # robust rules and DP clipping need every update at once: O(model x sites) memory
+            loaded = [(decode(self.blobs.get(u.blob_hash, verify=True))[0], u.num_examples, u.site) for u in updates]
+            own = {k: v for k, v in state.items() if k.startswith("privacy/")}
+            mean, own, info = safeguarded_mean(spec, current, own, loaded, expected)
+            new, new_state = strategy.apply(current, mean, strategy_state)
+            return new, {**new_state, **own}, info
         acc = WeightedSum(current)
-        for i, (digest, n) in enumerate(updates):
-            params, _ = decode(self.blobs.get(digest, verify=True))
-            acc.add(params, float(n), check=False)  # validated on arrival, hash re-verified
+        for i, u in enumerate(updates):
+            params, _ = decode(self.blobs.get(u.blob_hash, verify=True))
+            acc.add(params, float(u.num_examples), check=False)  # validated on arrival, hash re-verified
             if i == len(updates) // 2:
                 crash_point("mid_aggregation", number)
-        strategy = make_strategy(spec.strategy.name, spec.strategy.options)
-        return strategy.apply(current, acc.mean(), state)
+        new, new_state = strategy.apply(current, acc.mean(), strategy_state)
+        return new, new_state, {}
 
     def _close_evaluate(self, job: Job, spec: JobSpec, rnd: Round) -> None:
         done = [t for t in rnd.tasks if t.state == "completed" and t.result]
@@ -581,6 +638,10 @@ class RoundService:
             }
         if spec.adapter is not None:
             lineage["composite"] = self._composite_lineage(spec, sites, rnd.global_in)
+        privacy = privacy_summary(self.store, spec, job.id)
+        if privacy is not None:  # the largest epsilon any contributing tenant has spent on this model
+            spent = max((t["epsilon_total"] for t in privacy["tenants"].values()), default=0.0)
+            lineage["privacy"] = {**lineage["privacy"], "differential_privacy": privacy, "epsilon_spent": spent}
         version = self.store.finish_job(
             job.id,
             state="completed",

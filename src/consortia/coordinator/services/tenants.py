@@ -6,7 +6,7 @@ from datetime import timedelta
 
 from consortia.coordinator.auth import check_tenant, hash_token, new_token
 from consortia.coordinator.settings import Settings
-from consortia.errors import PermissionDeniedError
+from consortia.errors import ConflictError, NotFoundError, PermissionDeniedError
 from consortia.protocol.schemas import (
     CredentialCreate,
     CredentialPublic,
@@ -71,6 +71,19 @@ class TenantService:
         t = self.store.get_tenant(name)
         check_tenant(principal, t.id)
         return TenantPublic(name=t.name, regulated=t.regulated, created_at=t.created_at)
+
+    def release_site(self, principal: Principal, name: str, reason: str) -> SitePublic:
+        """Return a quarantined site to the active pool (consortium operators only)."""
+        if principal.tenant_id is not None:
+            raise PermissionDeniedError("only a consortium-wide operator or admin may release a quarantined site.")
+        matches = [s for s in self.store.list_sites() if s.name == name]
+        if not matches:
+            raise NotFoundError(f"site {name!r} not found; see `consortia tenant list`.")
+        site = matches[0]
+        if site.status != "quarantined":
+            raise ConflictError(f"site {name!r} is {site.status}, not quarantined; nothing to release.")
+        self.store.set_site_status(site.id, "active", principal.name, reason)
+        return next(s for s in self.list_sites(principal, None) if s.id == site.id)
 
     def list_sites(self, principal: Principal, tenant_name: str | None) -> list[SitePublic]:
         tenant_id = None
