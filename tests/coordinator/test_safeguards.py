@@ -142,3 +142,52 @@ def test_the_ledger_stops_a_job_before_the_round_that_would_cross_the_budget(coo
     assert job3["state"] == "completed", job3["reason"]
     audit = [e for e in coord.admin.get_json("/v1/audit/entries") if e["action"] == "privacy.round_charged"]
     assert len(audit) == 3 * 2 + 3 * 1
+
+
+@pytest.mark.parametrize(("method", "most"), [("none", 1.0), ("fp16", 0.5), ("int8", 0.26), ("topk", 0.03)])
+def test_compressed_jobs_count_bytes_per_round_and_still_learn(coord, method, most):
+    sites = [coord.site(f"bank-{i}") for i in range(3)]
+    spec = {
+        **SPEC,
+        "name": f"zip-{method}",
+        "recipe": {"name": "mlp", "options": {"hidden": [64]}},
+        "rounds": 3,
+        "compression": {"method": method, "topk_ratio": 0.01},
+    }
+    job = coord.wait_job(coord.admin.post_json("/v1/jobs", spec)["id"], sites)
+    assert job["state"] == "completed", job["reason"]
+    train = [r for r in job["rounds"] if r["kind"] == "train"]
+    for r in train:
+        c = r["metrics"]["compression"]
+        assert c["method"] == method and c["bytes_fp32"] == 3 * 4 * (5 * 64 + 64 + 64 + 1)
+        assert c["ratio"] <= most
+    if method != "topk":  # top-k at 1% moves four values a round: three rounds learn little
+        assert job["final_metrics"]["pooled_auc"] > 0.7
+    if method == "topk":  # error feedback: what was not sent waits at the site, on disk
+        assert all((ctx.home / "residuals" / f"job-{job['id']}.safetensors").exists() for ctx in sites)
+
+
+def test_an_update_in_another_encoding_than_the_jobs_is_refused(coord):
+    from consortia.core.compression import compress
+    from consortia.protocol.tensors import encode_wire
+
+    sites = [coord.site(f"bank-{i}") for i in range(2)]
+    spec = {**SPEC, "name": "zip-int8", "compression": {"method": "int8"}}
+    job_id = coord.admin.post_json("/v1/jobs", spec)["id"]
+    for _ in range(200):
+        tasks = [(ctx, t) for ctx in sites for t in ctx.client.poll(0)]
+        train = [(ctx, t) for ctx, t in tasks if t.kind == "train"]
+        for ctx, t in tasks:
+            if t.kind == "profile":
+                dispatch(ctx, t)
+        if train:
+            break
+        time.sleep(0.05)
+    ctx, task = train[0]
+    params, _ = decode(coord.http.app.state.blobs.get(task.global_hash))
+    wire, _ = compress({k: np.zeros_like(v) for k, v in params.items()}, "fp16", rng=np.random.default_rng(0))
+    body = encode_wire(wire, {"num_examples": "10", "encoding": "delta/fp16"})
+    with pytest.raises(ValidationError, match="does not match the job's compression 'int8'"):
+        ctx.client.submit_update(task.id, body)
+    assert coord.http.app.state.store.get_task(task.id).state == "failed"
+    assert coord.admin.get_json(f"/v1/jobs/{job_id}")["state"] == "running"

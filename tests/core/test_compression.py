@@ -67,7 +67,6 @@ def test_topk_error_feedback_loses_nothing_only_delays_it():
             {
                 "w::idx": np.array([0, 9], np.int32),
                 "w::val": np.zeros(2, np.float16),
-                "w::shape": np.array([4], np.int32),
             },
             "out of range",
         ),
@@ -75,7 +74,6 @@ def test_topk_error_feedback_loses_nothing_only_delays_it():
             {
                 "w::idx": np.array([1, 1], np.int32),
                 "w::val": np.zeros(2, np.float16),
-                "w::shape": np.array([4], np.int32),
             },
             "repeated",
         ),

@@ -96,8 +96,7 @@ def compress(
             sent[idx] = vals.astype(np.float32)
             new_residual[name] = (full - sent).reshape(x.shape)
             wire[f"{name}::idx"] = idx.astype(np.int32)
-            wire[f"{name}::val"] = vals
-            wire[f"{name}::shape"] = np.array(x.shape or (1,), np.int32)
+            wire[f"{name}::val"] = vals  # the shape is the model's: not sent
     return wire, new_residual
 
 
@@ -128,7 +127,7 @@ def decompress(wire: Mapping[str, np.ndarray], reference: Mapping[str, np.ndarra
             if q.dtype != np.int8 or q.shape != shape or scale.shape != (1,):
                 raise UpdateError(f"int8 tensor {name!r} is malformed.")
             x = (q.astype(np.float32) * np.float32(scale[0] / 127.0)).astype(np.float32)
-        elif set(p) == {"idx", "val", "shape"}:
+        elif set(p) == {"idx", "val"}:
             idx, vals = p["idx"], p["val"]
             if idx.dtype != np.int32 or idx.ndim != 1 or vals.shape != idx.shape:
                 raise UpdateError(f"top-k tensor {name!r} is malformed.")

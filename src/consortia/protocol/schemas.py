@@ -139,6 +139,13 @@ class PrivacySpec(_Strict):
     )
 
 
+class CompressionSpec(_Strict):
+    """How sites compress their update deltas (see :mod:`consortia.core.compression`)."""
+
+    method: Literal["none", "fp16", "int8", "topk"] = "none"
+    topk_ratio: float = Field(default=0.01, gt=0.0, le=1.0, description="share of values top-k keeps per tensor")
+
+
 class PreprocessingSpec(_Strict):
     """How preprocessing statistics are agreed across sites."""
 
@@ -215,6 +222,7 @@ class JobSpec(_Strict):
     strategy: StrategySpec = StrategySpec()
     robust: RobustSpec | None = Field(default=None, description="Byzantine-robust aggregation")
     privacy: PrivacySpec | None = Field(default=None, description="client-level differential privacy")
+    compression: CompressionSpec = CompressionSpec()
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     rounds: int = Field(ge=1, le=10_000)
     min_sites: int = Field(default=2, ge=1)

@@ -18,12 +18,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from consortia.core.compression import compress
 from consortia.errors import SchemaMismatchError, SpecError
 from consortia.ml import recipes
 from consortia.ml.data import check_schema, fingerprint, labels, profile, split_indices, transform
 from consortia.ml.evaluate import evaluate_scores
 from consortia.protocol.schemas import EvaluationResult, JobSpec, PreprocessingPlan, TaskPublic, TaskResultPublic
-from consortia.protocol.tensors import decode, encode
+from consortia.protocol.tensors import decode, encode, encode_wire
 from consortia.site.client import CoordinatorClient
 from consortia.site.monitor import build_reference, suppressed, write_reference
 from consortia.site.policy import PolicyRefusal, SitePolicy, check_task
@@ -156,8 +157,29 @@ def handle_train(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     }
     if ctx.policy.shares("train_loss"):
         meta["train_loss"] = repr(result.loss)
-    body = encode(out, meta)
+    if spec.compression.method == "none":
+        body = encode(out, meta)
+    else:
+        body = _compressed(ctx, task, spec, {k: out[k] - params[k] for k in out}, meta)
     return ctx.client.submit_update(task.id, body)
+
+
+def _compressed(
+    ctx: SiteContext, task: TaskPublic, spec: JobSpec, delta: dict[str, np.ndarray], meta: dict[str, str]
+) -> bytes:
+    """The update as a compressed delta; top-k keeps what it did not send for the next
+    round of the same job (error feedback), on disk so a restarted site keeps it too."""
+    method = spec.compression.method
+    memory = ctx.home / "residuals" / f"job-{task.job_id}.safetensors"
+    residual = decode(memory.read_bytes())[0] if method == "topk" and memory.exists() else None
+    rng = np.random.default_rng(task_seed(spec, task.round, ctx.name))
+    wire, residual = compress(delta, method, rng=rng, ratio=spec.compression.topk_ratio, residual=residual)
+    if method == "topk":
+        memory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memory.with_suffix(".tmp")
+        tmp.write_bytes(encode(residual))
+        tmp.replace(memory)
+    return encode_wire(wire, {**meta, "encoding": f"delta/{method}"})
 
 
 @register("evaluate")

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 
+from consortia.core.compression import decompress, wire_bytes
 from consortia.core.metrics import SCORE_BINS, auc_from_histograms, fairness_from_groups
 from consortia.core.profile import spread
 from consortia.errors import UpdateError, ValidationError
@@ -19,6 +20,7 @@ from consortia.protocol.schemas import (
     PreprocessingPlan,
     ReferenceProfile,
 )
+from consortia.protocol.tensors import decode_wire
 from consortia.site.monitor import SCORE_BINS as REFERENCE_SCORE_BINS
 
 __all__ = ["check_histograms", "check_reference", "merge_references", "pool", "round_metrics", "update_metadata"]
@@ -42,6 +44,33 @@ def check_histograms(ev: EvaluationResult) -> None:
             raise ValidationError(f"group {g!r} has n == {ge.n}, more than the evaluation's n == {ev.n}.")
 
 
+def read_update(
+    body: bytes, reference: dict[str, np.ndarray], method: str
+) -> tuple[dict[str, np.ndarray], dict[str, str], bool]:
+    """Decode an update body into float32 parameters: ``(params, metadata, compressed)``.
+
+    A body is either full float32 parameters (encoding ``full``, the default) or a delta
+    compressed with the job's method (encoding ``delta/<method>``), which is decoded and
+    added to ``reference`` (the round's global model). Anything else raises UpdateError.
+    """
+    wire, meta = decode_wire(body)
+    encoding = meta.get("encoding", "full")
+    if encoding == "full":
+        bad = sorted(k for k, v in wire.items() if v.dtype != np.float32)
+        if bad:
+            raise UpdateError(f"tensor(s) {bad} are not float32; a full update must be float32.")
+        meta["wire_bytes"] = str(wire_bytes(wire))
+        return wire, meta, False
+    if encoding != f"delta/{method}":
+        raise UpdateError(
+            f"update encoding {encoding!r} does not match the job's compression {method!r}; "
+            f"send 'full' or 'delta/{method}'."
+        )
+    delta = decompress(wire, reference)
+    meta["wire_bytes"] = str(wire_bytes(wire))
+    return {k: (reference[k] + delta[k]).astype(np.float32) for k in reference}, meta, True
+
+
 def update_metadata(meta: dict[str, str]) -> tuple[int, dict[str, Any]]:
     try:
         n = int(meta.get("num_examples", ""))
@@ -50,6 +79,8 @@ def update_metadata(meta: dict[str, str]) -> tuple[int, dict[str, Any]]:
     if n <= 0:
         raise UpdateError(f"num_examples == {n}, must be > 0.")
     metrics: dict[str, Any] = {}
+    if "wire_bytes" in meta:  # set by read_update from the decoded tensors, not by the site
+        metrics["wire_bytes"] = int(meta["wire_bytes"])
     if "train_loss" in meta:
         try:
             loss = float(meta["train_loss"])

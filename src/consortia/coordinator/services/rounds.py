@@ -35,6 +35,7 @@ from consortia.coordinator.services.results import (
     check_reference,
     merge_references,
     pool,
+    read_update,
     round_metrics,
     update_metadata,
 )
@@ -411,18 +412,19 @@ class RoundService:
         if task.kind != "train":
             raise ConflictError(f"task {task_id} is a {task.kind} task; send its result to /result.")
         try:
-            params, meta = decode(body)
+            spec = JobSpec.model_validate(self.store.get_job(task.job_id).spec)
             assert task.global_in is not None
             reference = self.params(task.global_in)
-            adapter = JobSpec.model_validate(self.store.get_job(task.job_id).spec).adapter
-            if adapter is not None:  # an adapter update carries the declared tensors only
-                reference = {k: reference[k] for k in adapter.params}
+            if spec.adapter is not None:  # an adapter update carries the declared tensors only
+                reference = {k: reference[k] for k in spec.adapter.params}
+            params, meta, compressed = read_update(body, reference, spec.compression.method)
             check_compatible(reference, params)
             num_examples, metrics = update_metadata(meta)
         except UpdateError as exc:
             self.store.complete_task(task, state="failed", reason=exc.message, rule="update_validation")
             raise
-        digest = self.blobs.put(body)
+        # a compressed delta is stored as the parameters it stands for; nbytes counts the wire
+        digest = self.blobs.put(encode(params) if compressed else body)
         status = self.store.record_update(
             task, blob_hash=digest, num_examples=num_examples, nbytes=len(body), metrics=metrics
         )
@@ -557,6 +559,17 @@ class RoundService:
         state_hash = self.blobs.put(encode(new_state)) if new_state else None
         crash_point("model_written", rnd.number)
         metrics = {**round_metrics(updates), **info}
+        if updates:  # bytes on the wire against what fp32 parameters would have taken
+            fp32 = 4 * sum(int(np.size(v)) for v in current.values()) * len(updates)
+            if spec.adapter is not None:
+                fp32 = 4 * sum(int(np.size(current[k])) for k in spec.adapter.params) * len(updates)
+            payload = sum((u.metrics or {}).get("wire_bytes", u.nbytes) for u in updates)
+            metrics["compression"] = {
+                "method": spec.compression.method,
+                "tensor_bytes": payload,
+                "bytes_fp32": fp32,
+                "ratio": payload / fp32,
+            }
         if spec.robust is not None:  # before the next round is sampled, so it leaves them out
             rounds = [
                 r if r.id != rnd.id else dataclasses.replace(_closed(r), metrics=metrics)
