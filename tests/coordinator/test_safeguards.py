@@ -52,8 +52,8 @@ def test_a_poisoner_is_flagged_quarantined_and_released_by_an_operator(coord):
     assert job["final_metrics"]["pooled_auc"] > 0.7  # the +1000 update did not reach the model
     store = coord.http.app.state.store
     train = [r for r in store.job_rounds(job["id"]) if r.kind == "train"]
-    assert [r.metrics["robust"]["flagged"] for r in train[:2]] == [["bank-m"], ["bank-m"]]
-    assert train[1].metrics["quarantined"] == ["bank-m"]
+    assert all("bank-m" in r.metrics["robust"]["flagged"] for r in train[:2])
+    assert train[1].metrics["quarantined"] == ["bank-m"]  # honest sites are not flagged round after round
     assert all("bank-m" not in {t.site for t in r.tasks} for r in train[2:])  # never sampled again
     sites = {s["name"]: s["status"] for s in coord.admin.get_json("/v1/sites")}
     assert sites["bank-m"] == "quarantined" and sites["bank-0"] == "active"

@@ -139,12 +139,13 @@ def outliers(deltas: np.ndarray, center: np.ndarray, *, z: float = 3.5) -> tuple
 
     The distances' median and median absolute deviation (scaled to a standard deviation)
     set the scale, so a minority of poisoned rows cannot hide by moving it. A row is an
-    outlier when its distance exceeds ``median + z * 1.4826 * MAD`` and twice the median.
+    outlier when its distance exceeds ``median + z * 1.4826 * MAD`` and three times the
+    median (with five sites, honest spread alone passes twice the median now and then).
     """
     dist = np.linalg.norm(deltas - center[None, :], axis=1)
     med = float(np.median(dist))
     mad = float(np.median(np.abs(dist - med))) * 1.4826
-    limit = max(med + z * mad, 2.0 * med)
+    limit = max(med + z * mad, 3.0 * med)
     if limit <= 0.0:
         return ()
     return tuple(int(i) for i in np.flatnonzero(dist > limit))
