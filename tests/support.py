@@ -167,3 +167,38 @@ def serving_windows(release, reference, frame, rows=300, n=1, sensitive=None):
         feeds["cat"] = part["cat"].astype("string").fillna(MISSING).to_numpy(object).reshape(-1, 1)
         m.observe(feeds, release.predict(feeds), 0.001)
     return m.drain()
+
+
+def run_concurrently(coord, sites, job_id, timeout=120.0, handlers=None):
+    """Drive each in-process site in its own thread (secure rounds block a site until
+    its peers answer); ``handlers[name](ctx, task)`` replaces dispatch for that site."""
+    import threading
+
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def loop(ctx):
+        handle = (handlers or {}).get(ctx.name, dispatch)
+        while not stop.is_set():
+            try:
+                for task in ctx.client.poll(0):
+                    handle(ctx, task)
+            except Exception as exc:  # a site's own failure is part of what tests look at
+                errors.append(f"{ctx.name}: {exc}")
+            time.sleep(0.05)
+
+    threads = [threading.Thread(target=loop, args=(ctx,), daemon=True) for ctx in sites]
+    for t in threads:
+        t.start()
+    try:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            job = coord.admin.get_json(f"/v1/jobs/{job_id}")
+            if job["state"] in ("completed", "failed"):
+                return job, errors
+            time.sleep(0.1)
+        raise AssertionError(f"job {job_id} did not finish; site errors: {errors[:5]}")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=30)

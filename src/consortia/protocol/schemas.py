@@ -139,6 +139,17 @@ class PrivacySpec(_Strict):
     )
 
 
+class SecureAggregationSpec(_Strict):
+    """SecAgg+ (see :mod:`consortia.core.secagg`): the coordinator learns only the sum."""
+
+    threshold: float = Field(
+        default=0.7, gt=0.0, le=1.0, description="share of each closed neighbourhood that must survive to unmask"
+    )
+    degree: int | None = Field(default=None, ge=2, le=10_000, description="neighbours per site (default ~2 log2 n)")
+    clip_range: float = Field(default=1.0, gt=0.0, le=1e6, description="delta values are clipped to +-clip_range")
+    stage_seconds: float = Field(default=60.0, gt=0.0, le=86_400.0, description="deadline of each protocol stage")
+
+
 class CompressionSpec(_Strict):
     """How sites compress their update deltas (see :mod:`consortia.core.compression`)."""
 
@@ -223,6 +234,9 @@ class JobSpec(_Strict):
     robust: RobustSpec | None = Field(default=None, description="Byzantine-robust aggregation")
     privacy: PrivacySpec | None = Field(default=None, description="client-level differential privacy")
     compression: CompressionSpec = CompressionSpec()
+    secure_aggregation: SecureAggregationSpec | None = Field(
+        default=None, description="mask updates so the coordinator sees only their sum"
+    )
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     rounds: int = Field(ge=1, le=10_000)
     min_sites: int = Field(default=2, ge=1)
@@ -265,7 +279,27 @@ class JobSpec(_Strict):
                 "site's influence on the result bounded by clip_norm / m, which only the mean of clipped updates "
                 "has. DP clipping already bounds every update's norm; drop `robust`, or use rule norm_bound."
             )
+        if self.secure_aggregation is not None:
+            self._check_secure_aggregation()
         return self
+
+    def _check_secure_aggregation(self) -> None:
+        if self.robust is not None:
+            raise ValueError(
+                f"robust.rule {self.robust.rule!r} needs every site's update, and secure aggregation shows the "
+                "coordinator only their sum. Bound each update's influence by client-side clipping instead: "
+                "add privacy (its clip_norm is applied at each site before masking), or drop secure_aggregation."
+            )
+        if self.min_sites < 3:
+            raise ValueError(
+                "secure_aggregation needs min_sites >= 3: with two sites the sum reveals the other's update"
+            )
+        if self.adapter is not None:
+            raise ValueError("an adapter job trains at one site; secure aggregation needs several")
+        if self.compression.method != "none":
+            raise ValueError("compression cannot be combined with secure_aggregation (masked values are fixed point)")
+        if self.privacy is not None and self.privacy.adaptive_clipping is not None:
+            raise ValueError("adaptive clipping with secure aggregation is not supported yet; use a fixed clip_norm")
 
     @property
     def registered_model(self) -> str:

@@ -28,17 +28,17 @@ def encode(params: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None 
     return _st_save(tensors, metadata=dict(metadata) if metadata else None)
 
 
-WIRE_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "I32": np.int32}
+WIRE_DTYPES = {"F32": np.float32, "F16": np.float16, "I8": np.int8, "I32": np.int32, "U32": np.uint32}
 
 
 def encode_wire(tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None) -> bytes:
-    """Serialise compressed wire tensors (float32/16, int8, int32 only) to safetensors."""
+    """Serialise wire tensors (compressed or masked: float32/16, int8, int32, uint32) to safetensors."""
     allowed = tuple(WIRE_DTYPES.values())
     out = {}
     for k, v in tensors.items():
         arr = np.ascontiguousarray(v)
         if arr.dtype.type not in allowed:
-            raise UpdateError(f"wire tensor {k!r} has dtype {arr.dtype}; allowed: float32, float16, int8, int32.")
+            raise UpdateError(f"wire tensor {k!r} has dtype {arr.dtype}; allowed: float32/16, int8, int32, uint32.")
         out[k] = arr
     return _st_save(out, metadata=dict(metadata) if metadata else None)
 

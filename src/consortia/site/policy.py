@@ -129,7 +129,7 @@ def check_task(policy: SitePolicy, kind: str, spec: JobSpec, frame: pd.DataFrame
             f"the job's epsilon budget {spec.privacy.epsilon_budget} exceeds this site's maximum {max_eps}; "
             "lower privacy.epsilon_budget in the job spec.",
         )
-    if policy.privacy.require_secure_aggregation:
+    if policy.privacy.require_secure_aggregation and spec.secure_aggregation is None:
         return PolicyRefusal(
             "policy.privacy.require_secure_aggregation",
             "this site requires secure aggregation; the job does not use it.",

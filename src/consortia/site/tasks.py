@@ -28,6 +28,7 @@ from consortia.protocol.tensors import decode, encode, encode_wire
 from consortia.site.client import CoordinatorClient
 from consortia.site.monitor import build_reference, suppressed, write_reference
 from consortia.site.policy import PolicyRefusal, SitePolicy, check_task
+from consortia.site.secure import secure_update
 
 __all__ = ["HANDLERS", "Prepared", "SiteContext", "dispatch", "prepare", "register", "task_seed"]
 
@@ -157,6 +158,8 @@ def handle_train(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     }
     if ctx.policy.shares("train_loss"):
         meta["train_loss"] = repr(result.loss)
+    if spec.secure_aggregation is not None:
+        return secure_update(ctx, task, spec, out, params, meta, result.num_examples)
     if spec.compression.method == "none":
         body = encode(out, meta)
     else:

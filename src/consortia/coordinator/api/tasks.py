@@ -48,6 +48,32 @@ async def upload_update(task_id: int, request: Request, rounds: RoundsDep, site:
     return await rounds.receive_update(site, task_id, body)
 
 
+@router.post("/tasks/{task_id}/secagg/{stage}")
+async def secagg_stage(
+    task_id: int, stage: str, body: dict[str, Any], rounds: RoundsDep, site: SitePrincipal
+) -> dict[str, Any]:
+    """Secure aggregation: ``keys`` (stage 1), ``shares`` (stage 2), ``unmask`` (stage 4).
+    The masked update of stage 3 goes to ``/update``."""
+    task = rounds._own_task(site, task_id)
+    handlers = {"keys": rounds.secure.advertise, "shares": rounds.secure.share, "unmask": rounds.secure.unmask}
+    if stage not in handlers:
+        raise NotFoundError(f"no secure-aggregation stage {stage!r}; use keys, shares or unmask.")
+    return await handlers[stage](site, task, body)
+
+
+@router.get("/tasks/{task_id}/secagg")
+async def secagg_view(
+    task_id: int,
+    rounds: RoundsDep,
+    site: SitePrincipal,
+    after: Annotated[int, Query(ge=0, le=5)] = 0,
+    wait: Annotated[float, Query(ge=0, le=60)] = 0,
+) -> dict[str, Any]:
+    """Long poll: what this site needs once the secure round is past stage ``after``."""
+    task = rounds._own_task(site, task_id)
+    return await rounds.secure.poll(site, task, after, wait)
+
+
 @router.post("/tasks/{task_id}/result")
 async def post_result(task_id: int, body: TaskResultPublic, rounds: RoundsDep, site: SitePrincipal) -> dict[str, Any]:
     return await rounds.receive_result(site, task_id, body)

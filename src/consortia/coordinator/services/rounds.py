@@ -46,6 +46,7 @@ from consortia.coordinator.services.safeguards import (
     quarantine_flagged,
     safeguarded_mean,
 )
+from consortia.coordinator.services.secure import SecureAggregator, SecureRound
 from consortia.core.aggregate import WeightedSum
 from consortia.core.params import Params, check_compatible
 from consortia.core.strategies import make_strategy
@@ -135,6 +136,7 @@ class RoundService:
         self._cache: OrderedDict[str, Params] = OrderedDict()
         self._last_touch: dict[int, float] = {}
         self.on_registered: Callable[[ModelVersion], Any] | None = None  # e.g. sign the release
+        self.secure = SecureAggregator(self)
 
     # ------------------------------------------------------------------ helpers
 
@@ -197,6 +199,9 @@ class RoundService:
             site_ids=[s.id for s in sites],
             **close,
         )
+        if kind == "train" and spec.secure_aggregation is not None and global_in is not None:
+            rnd = self.store.get_round(rnd.id)
+            self.secure.start(rnd, spec, self.params(global_in))
         self.notifier.wake([s.id for s in sites])
         return rnd
 
@@ -275,6 +280,8 @@ class RoundService:
             fraction=1.0,
             tenants=[site.tenant],
             strategy={"name": "fedavg", "options": {}},
+            robust=None,  # one site: nothing to be robust against, nothing to hide a sum in
+            secure_aggregation=None,
             adapter={"base": base.ref, "site": site.name, "params": params},
         )
         for key in ("learning_rate", "batch_size", "round_deadline_seconds"):
@@ -350,6 +357,9 @@ class RoundService:
         payload: dict[str, Any] = {"spec": spec.model_dump(mode="json")}
         if preprocessing is not None:
             payload["preprocessing"] = preprocessing
+        session = self.secure.sessions.get(task.round_id) if task.kind == "train" else None
+        if session is not None:
+            payload["secagg"] = session.public_config(task.site_id)
         return TaskPublic(
             id=task.id,
             job_id=task.job_id,
@@ -411,6 +421,10 @@ class RoundService:
         task = self._own_task(principal, task_id)
         if task.kind != "train":
             raise ConflictError(f"task {task_id} is a {task.kind} task; send its result to /result.")
+        if task.round_id in self.secure.sessions:  # stage 3 of a secure round: a masked input
+            out = await self.secure.masked(principal, task, body)
+            self._schedule_check(task.round_id)
+            return out
         try:
             spec = JobSpec.model_validate(self.store.get_job(task.job_id).spec)
             assert task.global_in is not None
@@ -472,6 +486,14 @@ class RoundService:
 
     async def check_round(self, round_id: int) -> None:
         rnd, _ = self.store.round_progress(round_id)
+        if rnd.state == "open" and rnd.kind == "train":
+            spec = JobSpec.model_validate(self.store.get_job(rnd.job_id).spec)
+            if spec.secure_aggregation is not None:  # the protocol's stages decide, not the update count
+                if round_id in self.secure.sessions:
+                    await self.secure.check(round_id)
+                else:
+                    await self.abort_secure(round_id, "the coordinator restarted during the secure round")
+                return
         async with self._lock(rnd.job_id):
             rnd, counts = self.store.round_progress(round_id)
             if rnd.state != "open":
@@ -488,18 +510,55 @@ class RoundService:
             elif expired or everyone:
                 self._retry_or_fail(job, spec, self.store.get_round(round_id))
 
-    def _retry_or_fail(self, job: Job, spec: JobSpec, rnd: Round) -> None:
+    async def abort_secure(self, round_id: int, why: str) -> None:
+        """A secure round fell below its threshold (or lost its session): retry or fail."""
+        rnd, _ = self.store.round_progress(round_id)
+        if rnd.state != "open":
+            return
+        lock = self._lock(rnd.job_id)
+        if lock.locked():  # called from inside the secure check, which holds it
+            self._abort_secure_locked(round_id, why)
+            return
+        async with lock:
+            self._abort_secure_locked(round_id, why)
+
+    def _abort_secure_locked(self, round_id: int, why: str) -> None:
+        rnd = self.store.get_round(round_id)
+        if rnd.state != "open":
+            return
+        job = self.store.get_job(rnd.job_id)
+        self.secure.sessions.pop(round_id, None)
+        self._retry_or_fail(job, JobSpec.model_validate(job.spec), rnd, f"secure aggregation aborted: {why}")
+
+    async def close_secure(self, session: SecureRound) -> None:
+        """Stage 4 closed: the unmasked sum becomes the round's model (caller holds the lock)."""
+        rnd = self.store.get_round(session.round_id)
+        job = self.store.get_job(rnd.job_id)
+        if rnd.state != "open":
+            return
+        spec = JobSpec.model_validate(job.spec)
+        assert rnd.global_in is not None
+        current = self.params(rnd.global_in)
+        mean, info = self.secure.mean(session, spec, current, len(rnd.tasks))
+        state = decode(self.blobs.get(job.state_hash))[0] if job.state_hash else {}
+        strategy = make_strategy(spec.strategy.name, spec.strategy.options)
+        new_params, new_state = strategy.apply(current, mean, state)
+        await self._close_train(job, spec, rnd, (new_params, new_state, info))
+
+    def _retry_or_fail(self, job: Job, spec: JobSpec, rnd: Round, why_not: str | None = None) -> None:
         completed = [t for t in rnd.tasks if t.state == "completed"]
         why = [
             f"{t.site}: {t.state}" + (f" ({t.rule}: {t.reason})" if t.reason else "")
             for t in rnd.tasks
             if t.state != "completed"
         ]
-        reason = (
+        reason = why_not or (
             f"round {rnd.number} ({rnd.kind}, attempt {rnd.attempt + 1}): {len(completed)} of "
             f"{len(rnd.tasks)} sampled site(s) reported, min_sites is {spec.min_sites}"
             + (f"; {'; '.join(why)}" if why else "")
         )
+        if why_not:
+            reason = f"round {rnd.number} ({rnd.kind}, attempt {rnd.attempt + 1}): {why_not}"
         close = {"close": rnd, "close_state": "abandoned", "close_fields": {"reason": reason}}
         if rnd.attempt < spec.max_round_retries:
             log.warning("job %s: %s; retrying with a fresh sample", job.id, reason)
@@ -547,14 +606,19 @@ class RoundService:
             },
         )
 
-    async def _close_train(self, job: Job, spec: JobSpec, rnd: Round) -> None:
+    async def _close_train(
+        self, job: Job, spec: JobSpec, rnd: Round, done: tuple[Params, Params, dict[str, Any]] | None = None
+    ) -> None:
         updates = self.store.round_updates(rnd.id)
         assert rnd.global_in is not None
         current = self.params(rnd.global_in)
-        state = decode(self.blobs.get(job.state_hash))[0] if job.state_hash else {}
-        new_params, new_state, info = await asyncio.to_thread(
-            self._aggregate, spec, rnd.number, current, state, updates, len(rnd.tasks)
-        )
+        if done is None:
+            state = decode(self.blobs.get(job.state_hash))[0] if job.state_hash else {}
+            new_params, new_state, info = await asyncio.to_thread(
+                self._aggregate, spec, rnd.number, current, state, updates, len(rnd.tasks)
+            )
+        else:  # a secure round: the unmasked sum was turned into the model already
+            new_params, new_state, info = done
         global_hash = self.blobs.put(encode(new_params))
         state_hash = self.blobs.put(encode(new_state)) if new_state else None
         crash_point("model_written", rnd.number)
@@ -651,6 +715,7 @@ class RoundService:
             }
         if spec.adapter is not None:
             lineage["composite"] = self._composite_lineage(spec, sites, rnd.global_in)
+        lineage["privacy"]["secure_aggregation"] = spec.secure_aggregation is not None
         privacy = privacy_summary(self.store, spec, job.id)
         if privacy is not None:  # the largest epsilon any contributing tenant has spent on this model
             spent = max((t["epsilon_total"] for t in privacy["tenants"].values()), default=0.0)

@@ -142,8 +142,9 @@ def privacy_summary(store: SqlStore, spec: JobSpec, job_id: int) -> dict[str, An
             "rounds_this_job": sum(e["rounds"] for e in job),
         }
     p = spec.privacy
+    where = "distributed (each site adds its share before masking)" if spec.secure_aggregation else "central"
     return {
-        "mechanism": "DP-FedAvg, client-level, central Gaussian noise",
+        "mechanism": f"DP-FedAvg, client-level, {where} Gaussian noise",
         "noise_multiplier": p.noise_multiplier,
         "clip_norm": p.clip_norm,
         "adaptive_clipping": p.adaptive_clipping is not None,

@@ -1,0 +1,124 @@
+"""The site side of a secure-aggregation round (SecAgg+, :mod:`consortia.core.secagg`).
+
+After local training the site clips its delta (and, when the job uses DP, adds its share
+of the noise), then walks the four stages with the coordinator: advertise keys, share
+secrets with its neighbours, upload the masked update, answer the unmask request. Each
+wait is a long poll bounded by the task's deadline plus the stages' deadlines; a site that
+falls behind is dropped by the coordinator and the round continues without it. The site
+checks every unmask request itself (disjoint lists, enough active neighbours, one answer
+per round) and refuses one that could reveal its update.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from consortia.core.privacy import clip, gaussian, site_noise_std
+from consortia.core.robust import flatten
+from consortia.core.secagg import SecAggConfig, SecAggError, SiteSession
+from consortia.protocol.schemas import JobSpec, TaskPublic
+from consortia.protocol.tensors import encode_wire
+
+__all__ = ["secure_update"]
+
+log = logging.getLogger(__name__)
+
+DONE = 5
+
+
+def _b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.b64decode(text, validate=True)
+
+
+def _wait(ctx: Any, task: TaskPublic, after: int, until: float) -> dict[str, Any]:
+    """Long-poll the coordinator until the protocol is past stage ``after``."""
+    while True:
+        left = until - time.monotonic()
+        if left <= 0:
+            raise SecAggError(f"secure round of task {task.id}: gave up waiting after stage {after}.")
+        view = ctx.client.request(
+            "GET",
+            f"/v1/tasks/{task.id}/secagg",
+            params={"after": after, "wait": min(20.0, max(left, 0.1))},
+            timeout=min(20.0, max(left, 0.1)) + 30.0,
+        ).json()
+        if view["stage"] > after:
+            if view.get("aborted") or view.get("dropped"):
+                raise SecAggError(
+                    f"secure round of task {task.id} ended without this site: "
+                    + (view.get("aborted") or "dropped by the coordinator")
+                )
+            return view
+
+
+def secure_update(
+    ctx: Any,
+    task: TaskPublic,
+    spec: JobSpec,
+    trained: dict[str, np.ndarray],
+    base: dict[str, np.ndarray],
+    meta: dict[str, str],
+    num_examples: int,
+) -> dict[str, Any]:
+    """Run the site's part of the secure round for ``task``; returns the last answer."""
+    assert spec.secure_aggregation is not None
+    cfg = task.payload.get("secagg")
+    if not isinstance(cfg, dict):
+        raise SecAggError("the task carries no secure-aggregation parameters; the coordinator is out of date.")
+    config = SecAggConfig(
+        sites=tuple(int(s) for s in cfg["sites"]),
+        threshold=int(cfg["threshold"]),
+        clip_range=float(cfg["clip_range"]),
+        context=_unb64(cfg["context"]),
+        graph_seed=int(cfg["graph_seed"]),
+        degree=int(cfg["degree"]),
+    )
+    me = int(cfg["site"])
+    names = list(cfg["names"])
+    if sorted(names) != sorted(base) or len(names) != len(set(names)):
+        raise SecAggError("the secure round names other tensors than the global model's.")
+    delta = flatten(trained, names) - flatten(base, names)
+    if delta.size != int(cfg["size"]):
+        raise SecAggError(f"update has {delta.size} values, the secure round expects {cfg['size']}.")
+    if spec.privacy is not None:  # distributed DP: clip here, add this site's share of the noise
+        delta, _ = clip(delta, spec.privacy.clip_norm)
+        std = site_noise_std(spec.privacy.clip_norm, spec.privacy.noise_multiplier, config.threshold)
+        delta = delta + gaussian(delta.size, std)
+    session = SiteSession(config, me)
+    until = time.monotonic() + max(
+        (task.deadline_at.timestamp() - time.time()) + 4 * spec.secure_aggregation.stage_seconds, 1.0
+    )
+    base_url = f"/v1/tasks/{task.id}/secagg"
+    c_pk, s_pk = session.advertise()
+    ctx.client.post_json(
+        f"{base_url}/keys", {"c_public": _b64(c_pk), "s_public": _b64(s_pk), "num_examples": num_examples}
+    )
+    view = _wait(ctx, task, 1, until)
+    keys = {int(j): (_unb64(c), _unb64(s)) for j, (c, s) in view["keys"].items()}
+    cts = session.share_keys(keys)
+    ctx.client.post_json(f"{base_url}/shares", {"ciphertexts": {str(j): _b64(ct) for j, ct in cts.items()}})
+    view = _wait(ctx, task, 2, until)
+    weight = 1.0 if spec.privacy is not None else num_examples / max(int(view.get("max_examples") or 0), num_examples)
+    received = {int(j): _unb64(ct) for j, ct in view["ciphertexts"].items()}
+    masked = session.masked_input(delta, weight, received, np.random.default_rng())
+    body = encode_wire({"masked": masked}, {**meta, "encoding": "secagg/masked"})
+    ctx.client.submit_update(task.id, body)
+    view = _wait(ctx, task, 3, until)
+    request = view["unmask"]
+    try:
+        shares = session.unmask(request["active"], request["dropped"])
+    except SecAggError as exc:  # a request that could reveal our update: say so, send nothing
+        log.error("task %s: refused the unmask request: %s", task.id, exc.message)
+        raise
+    return ctx.client.post_json(
+        f"{base_url}/unmask", {"shares": {str(j): [kind, str(v)] for j, (kind, v) in shares.items()}}
+    )

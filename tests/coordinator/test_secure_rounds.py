@@ -1,0 +1,131 @@
+"""Secure aggregation rounds through the real app: sites in threads run SecAgg+ over HTTP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from consortia.errors import ValidationError
+from consortia.protocol.tensors import decode
+from consortia.site import secure as site_secure
+from consortia.site.tasks import dispatch
+from support import SPEC, run_concurrently
+
+SECURE = {**SPEC, "name": "secure-job", "min_sites": 3, "secure_aggregation": {"stage_seconds": 5}}
+
+
+def _model(coord, job):
+    return decode(coord.http.app.state.blobs.get(job["model_hash"]))[0]
+
+
+def test_a_secure_job_gives_the_same_model_as_plain_fedavg(coord):
+    sites = [coord.site(f"bank-{i}") for i in range(4)]
+    secure, errors = run_concurrently(coord, sites, coord.admin.post_json("/v1/jobs", SECURE)["id"])
+    assert secure["state"] == "completed", (secure["reason"], errors)
+    plain = coord.wait_job(
+        coord.admin.post_json("/v1/jobs", {**SPEC, "name": "plain-job", "min_sites": 3})["id"], sites
+    )
+    a, b = _model(coord, secure), _model(coord, plain)
+    for k in a:
+        np.testing.assert_allclose(a[k], b[k], atol=1e-4)  # fixed point at 2^-28 of the clip range
+    train = [r for r in secure["rounds"] if r["kind"] == "train"]
+    info = train[0]["metrics"]["secure_aggregation"]
+    assert info["survivors"] == 4 and info["threshold"] == 3 and info["dropped_by_stage"] == {}
+    card = coord.admin.get_json("/v1/registry/models/secure-job/versions/1/card")
+    assert card["lineage"]["privacy"]["secure_aggregation"] is True
+
+
+def test_no_individual_update_is_stored_by_the_coordinator(coord, monkeypatch):
+    sites = [coord.site(f"bank-{i}") for i in range(3)]
+    sent = []
+    real = site_secure.secure_update
+
+    def spy(ctx, task, spec, trained, base, meta, n):
+        sent.append({k: v.copy() for k, v in trained.items()})
+        return real(ctx, task, spec, trained, base, meta, n)
+
+    monkeypatch.setattr("consortia.site.tasks.secure_update", spy)
+    job, errors = run_concurrently(coord, sites, coord.admin.post_json("/v1/jobs", {**SECURE, "rounds": 1})["id"])
+    assert job["state"] == "completed", (job["reason"], errors)
+    assert len(sent) == 3
+    blobs = coord.http.app.state.blobs
+    stored = list(blobs.root.rglob("*"))
+    store = coord.http.app.state.store
+    train = next(r for r in store.job_rounds(job["id"]) if r.kind == "train")
+    for u in store.round_updates(train.id):  # the rows keep the hash of the masked body only
+        assert not blobs.exists(u.blob_hash)
+    for path in (p for p in stored if p.is_file()):
+        try:
+            params, _ = decode(path.read_bytes())
+        except Exception:
+            continue
+        for update in sent:
+            assert not all(k in params and np.array_equal(params[k], update[k]) for k in update)
+
+
+def test_a_site_that_drops_after_sharing_keys_is_unmasked_around(coord, monkeypatch):
+    sites = [coord.site(f"bank-{i}") for i in range(5)]
+    victim = next(s["id"] for s in coord.admin.get_json("/v1/sites") if s["name"] == "bank-4")
+    real = site_secure.SiteSession.masked_input
+
+    def crash_before_upload(self, *args, **kwargs):  # bank-4 shared its keys, then dies
+        if self.site == victim:
+            raise site_secure.SecAggError("simulated crash before the masked upload")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(site_secure.SiteSession, "masked_input", crash_before_upload)
+    spec = {**SECURE, "rounds": 1, "secure_aggregation": {"stage_seconds": 3, "threshold": 0.6}}
+    job, _ = run_concurrently(coord, sites, coord.admin.post_json("/v1/jobs", spec)["id"])
+    assert job["state"] == "completed", job["reason"]
+    info = next(r for r in job["rounds"] if r["kind"] == "train")["metrics"]["secure_aggregation"]
+    assert info["survivors"] == 4 and info["dropped_by_stage"] == {"3": ["bank-4"]}
+    assert job["final_metrics"]["pooled_auc"] > 0.7
+
+
+def test_too_many_dropouts_abort_the_round_and_the_job_says_why(coord):
+    sites = [coord.site(f"bank-{i}") for i in range(3)]
+    spec = {**SECURE, "rounds": 1, "max_round_retries": 0, "round_deadline_seconds": 5, "min_sites": 3}
+    spec["secure_aggregation"] = {"stage_seconds": 2, "threshold": 1.0}
+
+    def silent_in_training(ctx, task):  # bank-2 profiles, then never answers a train task
+        if task.kind != "train":
+            dispatch(ctx, task)
+
+    job_id = coord.admin.post_json("/v1/jobs", spec)["id"]
+    job, _ = run_concurrently(coord, sites, job_id, handlers={"bank-2": silent_in_training})
+    assert job["state"] == "failed"
+    assert "secure aggregation aborted" in job["reason"] and "threshold is 3" in job["reason"]
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"robust": {"rule": "median", "options": {"f": 1}}}, "client-side clipping"),
+        ({"min_sites": 2}, "min_sites >= 3"),
+        ({"compression": {"method": "int8"}}, "compression cannot be combined"),
+    ],
+)
+def test_secure_specs_that_cannot_work_are_refused_with_the_reason(coord, extra, message):
+    for i in range(3):
+        coord.site(f"bank-{i}")
+    with pytest.raises(ValidationError, match=message):
+        coord.admin.post_json("/v1/jobs", {**SECURE, **extra})
+
+
+def test_dp_with_secure_aggregation_adds_the_noise_at_the_sites_and_charges_the_ledger(coord):
+    sites = [coord.site(f"bank-{i}") for i in range(3)]
+    spec = {
+        **SECURE,
+        "name": "dp-secure",
+        "rounds": 2,
+        "privacy": {"noise_multiplier": 0.5, "clip_norm": 1.0, "epsilon_budget": 50.0},
+    }
+    job, errors = run_concurrently(coord, sites, coord.admin.post_json("/v1/jobs", spec)["id"])
+    assert job["state"] == "completed", (job["reason"], errors)
+    store = coord.http.app.state.store
+    assert {e["rounds"] for e in store.ledger("dp-secure")} == {2}
+    train = [r for r in job["rounds"] if r["kind"] == "train"]
+    assert all(r["metrics"]["secure_aggregation"]["weight_sum"] == pytest.approx(3.0, abs=1e-4) for r in train)
+    dp = store.get_version("dp-secure", 1).lineage["privacy"]
+    assert dp["secure_aggregation"] is True and dp["epsilon_spent"] > 0
+    assert dp["differential_privacy"]["mechanism"].startswith("DP-FedAvg, client-level, distributed")
