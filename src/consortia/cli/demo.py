@@ -64,9 +64,11 @@ class Federation:
             start_new_session=True,
         )
 
-    def start_coordinator(self, env: dict[str, str] | None = None, timeout: float = 60.0) -> None:
+    def start_coordinator(
+        self, env: dict[str, str] | None = None, timeout: float = 60.0, extra: list[str] | None = None
+    ) -> None:
         self.coordinator = self._spawn(
-            ["coordinator", "serve", "--home", str(self.coord_home), "--port", str(self.port)],
+            ["coordinator", "serve", "--home", str(self.coord_home), "--port", str(self.port), *(extra or [])],
             "coordinator.log",
             env,
         )

@@ -65,13 +65,22 @@ def coordinator_serve(
         str | None,
         typer.Option(help="OpenAI-compatible endpoint (e.g. local llama.cpp) to rephrase incident summaries"),
     ] = None,
+    upstream: Annotated[
+        str | None, typer.Option(help="upper coordinator URL: run as a regional hub, one site of it")
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="one-time enrollment token at the upper coordinator (first start only)")
+    ] = None,
+    upstream_name: Annotated[str, typer.Option(help="this hub's site name at the upper coordinator")] = "hub",
 ) -> None:
-    """Start the coordinator API (OpenAPI at /docs)."""
+    """Start the coordinator API (OpenAPI at /docs); with --upstream, also a hub."""
     import uvicorn
 
     from consortia.coordinator import Settings, create_app
 
-    settings = Settings(home=home, db_url=db, llm_url=llm_url)
+    settings = Settings(
+        home=home, db_url=db, llm_url=llm_url, upstream_url=upstream, upstream_token=token, upstream_name=upstream_name
+    )
     fresh = not settings.admin_credential_path.exists()
     application = create_app(settings)
     if fresh and settings.admin_credential_path.exists():

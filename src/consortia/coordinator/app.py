@@ -27,6 +27,7 @@ from consortia.coordinator.metrics import StateCollector
 from consortia.coordinator.services.automation import AutomationService
 from consortia.coordinator.services.devices import DeviceService
 from consortia.coordinator.services.governance import GovernanceService
+from consortia.coordinator.services.hub import HubAgent
 from consortia.coordinator.services.monitoring import MonitoringService
 from consortia.coordinator.services.rollouts import RolloutService
 from consortia.coordinator.services.rounds import RoundService
@@ -115,12 +116,21 @@ def create_app(settings: Settings) -> FastAPI:
                 await asyncio.sleep(settings.tick_seconds)
 
         task = asyncio.create_task(ticker())
+        hub = None
+        if settings.upstream_url:  # a regional hub: one site of the upper coordinator
+            agent = HubAgent(
+                rounds, settings.upstream_url, settings.upstream_token, settings.upstream_name, settings.home
+            )
+            rounds.upstream_url = settings.upstream_url
+            hub = asyncio.create_task(agent.run())
         try:
             yield
         finally:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            for t in (task, hub):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await t
             engine.dispose()
 
     app = FastAPI(

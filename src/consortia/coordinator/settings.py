@@ -26,6 +26,9 @@ class Settings(BaseSettings):
     llm_url: str | None = Field(
         default=None, description="OpenAI-compatible endpoint (e.g. a local llama.cpp server) to rephrase incidents"
     )
+    upstream_url: str | None = Field(default=None, description="upper coordinator this one joins as a site (hub)")
+    upstream_token: str | None = Field(default=None, description="one-time enrollment token at the upper coordinator")
+    upstream_name: str = Field(default="hub", min_length=1, max_length=63, description="site name at the upper")
     llm_model: str = Field(default="local", description="model name sent to the LLM endpoint")
     restart_grace_fraction: float = Field(
         default=0.5, ge=0, description="after a restart, open rounds get this share of their deadline again"

@@ -150,6 +150,13 @@ class SecureAggregationSpec(_Strict):
     stage_seconds: float = Field(default=60.0, gt=0.0, le=86_400.0, description="deadline of each protocol stage")
 
 
+class RelaySpec(_Strict):
+    """Set by a hub on its local copy of an upper coordinator's job, never by hand."""
+
+    upstream: str = Field(min_length=1, max_length=2000)
+    upstream_job: int = Field(ge=1)
+
+
 class CompressionSpec(_Strict):
     """How sites compress their update deltas (see :mod:`consortia.core.compression`)."""
 
@@ -237,6 +244,7 @@ class JobSpec(_Strict):
     secure_aggregation: SecureAggregationSpec | None = Field(
         default=None, description="mask updates so the coordinator sees only their sum"
     )
+    relay: RelaySpec | None = Field(default=None, description="set by a hub: the upper job this one relays")
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     rounds: int = Field(ge=1, le=10_000)
     min_sites: int = Field(default=2, ge=1)

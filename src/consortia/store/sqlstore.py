@@ -234,6 +234,12 @@ class SqlStore(IdentityStore):
             {**detail, "global_out": fields.get("global_out")},
         )
 
+    def close_round(self, rnd: Round, state: str, fields: dict[str, Any]) -> None:
+        """Close ``rnd`` (``closed`` or ``abandoned``) without opening another: a hub's
+        relay rounds, driven by the upper coordinator, end this way."""
+        with self._tx() as s:
+            self._finish_round(s, rnd, state, fields)
+
     def finish_job(
         self,
         job_id: int,

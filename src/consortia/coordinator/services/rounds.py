@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 
 from consortia.coordinator.faults import crash_point
+from consortia.coordinator.services.hub import combine_evaluations, combine_profiles, relay_spec, spec_digest
 from consortia.coordinator.services.lineage import build_lineage, contributors
 from consortia.coordinator.services.results import (
     check_histograms,
@@ -137,6 +138,7 @@ class RoundService:
         self._last_touch: dict[int, float] = {}
         self.on_registered: Callable[[ModelVersion], Any] | None = None  # e.g. sign the release
         self.secure = SecureAggregator(self)
+        self.upstream_url: str | None = None  # set when this coordinator is a hub
 
     # ------------------------------------------------------------------ helpers
 
@@ -222,6 +224,61 @@ class RoundService:
             return self._open(job_id, spec, number, 0, "evaluate", global_in, **close)
         self.store.finish_job(job_id, state="failed", reason=f"{reason}; no round could run.", **close)
         return None
+
+    # ------------------------------------------------------------------ hub relay
+
+    def relay_round(self, task: TaskPublic, spec: JobSpec, global_in: str | None) -> Round:
+        """The local round standing for an upstream task (found again after a restart)."""
+        url = self.upstream_url or "upstream"
+        job = next(
+            (
+                j
+                for j in self.store.list_jobs()
+                if (j.spec.get("relay") or {}).get("upstream_job") == task.job_id
+                and j.spec["relay"].get("upstream") == url
+            ),
+            None,
+        )
+        if job is None:
+            raw = relay_spec(spec, task.job_id, url)
+            local = parse_spec(raw)
+            canonical = local.model_dump(mode="json")
+            job = self.store.create_job(local.name, canonical, spec_digest(canonical), None, f"upstream:{url}")
+        local = JobSpec.model_validate(job.spec)
+        for r in self.store.job_rounds(job.id):
+            if (r.number, r.attempt, r.kind) == (task.round, task.attempt, task.kind):
+                return r
+        fields = (
+            {"job_fields": {"preprocessing": task.payload["preprocessing"]}} if "preprocessing" in task.payload else {}
+        )
+        rnd = self._open(job.id, local, task.round, task.attempt, task.kind, global_in, **fields)
+        assert rnd is not None
+        return rnd
+
+    async def _close_relay(self, job: Job, rnd: Round) -> None:
+        """Close a relay round with the one result the hub forwards upstream."""
+        done = [t for t in rnd.tasks if t.state == "completed" and t.result is not None]
+        if rnd.kind == "profile":
+            profiles = [ProfileResult.model_validate(t.result["profile"]) for t in done]  # type: ignore[index]
+            fields: dict[str, Any] = {
+                "metrics": {"relay": {"profile": combine_profiles(profiles).model_dump(mode="json")}}
+            }
+        elif rnd.kind == "train":
+            updates = self.store.round_updates(rnd.id)
+            assert rnd.global_in is not None
+            acc = WeightedSum(self.params(rnd.global_in))
+            for u in updates:
+                acc.add(decode(self.blobs.get(u.blob_hash, verify=True))[0], float(u.num_examples), check=False)
+            digest = self.blobs.put(encode(acc.mean()))
+            examples = sum(u.num_examples for u in updates)
+            fields = {"global_out": digest, "metrics": {**round_metrics(updates), "relay": {"examples": examples}}}
+        else:
+            evals = [EvaluationResult.model_validate(t.result["evaluation"]) for t in done]  # type: ignore[index]
+            fields = {"metrics": {"relay": {"evaluation": combine_evaluations(evals).model_dump(mode="json")}}}
+        if rnd.kind == "evaluate":  # the upper job's last round: the relay job is done
+            self.store.finish_job(job.id, state="completed", reason=None, close=rnd, close_fields=fields)
+        else:
+            self.store.close_round(rnd, "closed", fields)
 
     # ------------------------------------------------------------------ jobs
 
@@ -560,6 +617,9 @@ class RoundService:
         if why_not:
             reason = f"round {rnd.number} ({rnd.kind}, attempt {rnd.attempt + 1}): {why_not}"
         close = {"close": rnd, "close_state": "abandoned", "close_fields": {"reason": reason}}
+        if spec.relay is not None:  # the upper coordinator decides about retries
+            self.store.close_round(rnd, "abandoned", {"reason": reason})
+            return
         if rnd.attempt < spec.max_round_retries:
             log.warning("job %s: %s; retrying with a fresh sample", job.id, reason)
             self._open(job.id, spec, rnd.number, rnd.attempt + 1, rnd.kind, rnd.global_in, **close)
@@ -573,7 +633,9 @@ class RoundService:
             )
 
     async def _close(self, job: Job, spec: JobSpec, rnd: Round) -> None:
-        if rnd.kind == "profile":
+        if spec.relay is not None:
+            await self._close_relay(job, rnd)
+        elif rnd.kind == "profile":
             await self._close_profile(job, spec, rnd)
         elif rnd.kind == "train":
             await self._close_train(job, spec, rnd)
