@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
-import json
 import logging
 import math
 from collections import OrderedDict
@@ -29,8 +28,8 @@ from typing import Any
 import numpy as np
 
 from consortia.coordinator.faults import crash_point
-from consortia.coordinator.services.hub import combine_evaluations, combine_profiles, relay_spec, spec_digest
 from consortia.coordinator.services.lineage import build_lineage, contributors
+from consortia.coordinator.services.relay import RelayRounds
 from consortia.coordinator.services.results import (
     check_histograms,
     check_reference,
@@ -42,27 +41,24 @@ from consortia.coordinator.services.results import (
 )
 from consortia.coordinator.services.safeguards import (
     budget_check,
-    check_spec,
     privacy_summary,
     quarantine_flagged,
     safeguarded_mean,
 )
-from consortia.coordinator.services.secure import SecureAggregator, SecureRound
+from consortia.coordinator.services.secure import SecureAggregator
+from consortia.coordinator.services.submission import JobSubmission, parse_spec
 from consortia.core.aggregate import WeightedSum
 from consortia.core.params import Params, check_compatible
 from consortia.core.strategies import make_strategy
 from consortia.errors import (
     ConflictError,
-    ConsortiaError,
     PermissionDeniedError,
-    SpecError,
     UpdateError,
     ValidationError,
 )
 from consortia.ml.data import merge_profiles
-from consortia.ml.recipes import init_params, resolve_adapter, validate_recipe
+from consortia.ml.recipes import init_params
 from consortia.protocol.schemas import (
-    AdapterRequest,
     EvaluationResult,
     JobSpec,
     PreprocessingPlan,
@@ -80,30 +76,6 @@ from consortia.store.sqlstore import SqlStore
 __all__ = ["RoundService", "SiteNotifier", "parse_spec"]
 
 log = logging.getLogger("consortia.coordinator.rounds")
-
-
-def parse_spec(raw: Any) -> JobSpec:
-    """Validate a job spec; raise :class:`SpecError` naming each bad field."""
-    from pydantic import ValidationError as PydanticValidationError
-
-    if not isinstance(raw, dict):
-        raise SpecError("job spec must be a mapping (YAML object) with name, recipe, features, ...")
-    try:
-        spec = JobSpec.model_validate(raw)
-    except PydanticValidationError as exc:
-        parts = []
-        for err in exc.errors()[:8]:
-            loc = ".".join(str(p) for p in err["loc"]) or "spec"
-            parts.append(f"{loc}: {err['msg']}")
-        raise SpecError("invalid job spec: " + "; ".join(parts)) from exc
-    validate_recipe(spec.recipe.name, spec.recipe.options)
-    options = dict(spec.strategy.options)
-    try:
-        make_strategy(spec.strategy.name, options)
-    except ConsortiaError as exc:
-        raise SpecError(f"strategy.options: {exc.message}") from exc
-    check_spec(spec)
-    return spec
 
 
 class SiteNotifier:
@@ -125,7 +97,7 @@ class SiteNotifier:
                 ev.set()
 
 
-class RoundService:
+class RoundService(JobSubmission, RelayRounds):
     """Submits jobs, hands out tasks, receives answers and closes rounds."""
 
     def __init__(self, store: SqlStore, blobs: BlobStore, *, max_poll_seconds: float = 30.0) -> None:
@@ -224,177 +196,6 @@ class RoundService:
             return self._open(job_id, spec, number, 0, "evaluate", global_in, **close)
         self.store.finish_job(job_id, state="failed", reason=f"{reason}; no round could run.", **close)
         return None
-
-    # ------------------------------------------------------------------ hub relay
-
-    def relay_round(self, task: TaskPublic, spec: JobSpec, global_in: str | None) -> Round:
-        """The local round standing for an upstream task (found again after a restart)."""
-        url = self.upstream_url or "upstream"
-        job = next(
-            (
-                j
-                for j in self.store.list_jobs()
-                if (j.spec.get("relay") or {}).get("upstream_job") == task.job_id
-                and j.spec["relay"].get("upstream") == url
-            ),
-            None,
-        )
-        if job is None:
-            raw = relay_spec(spec, task.job_id, url)
-            local = parse_spec(raw)
-            canonical = local.model_dump(mode="json")
-            job = self.store.create_job(local.name, canonical, spec_digest(canonical), None, f"upstream:{url}")
-        local = JobSpec.model_validate(job.spec)
-        for r in self.store.job_rounds(job.id):
-            if (r.number, r.attempt, r.kind) == (task.round, task.attempt, task.kind):
-                return r
-        fields = (
-            {"job_fields": {"preprocessing": task.payload["preprocessing"]}} if "preprocessing" in task.payload else {}
-        )
-        rnd = self._open(job.id, local, task.round, task.attempt, task.kind, global_in, **fields)
-        assert rnd is not None
-        return rnd
-
-    async def _close_relay(self, job: Job, rnd: Round) -> None:
-        """Close a relay round with the one result the hub forwards upstream."""
-        done = [t for t in rnd.tasks if t.state == "completed" and t.result is not None]
-        if rnd.kind == "profile":
-            profiles = [ProfileResult.model_validate(t.result["profile"]) for t in done]  # type: ignore[index]
-            fields: dict[str, Any] = {
-                "metrics": {"relay": {"profile": combine_profiles(profiles).model_dump(mode="json")}}
-            }
-        elif rnd.kind == "train":
-            updates = self.store.round_updates(rnd.id)
-            assert rnd.global_in is not None
-            acc = WeightedSum(self.params(rnd.global_in))
-            for u in updates:
-                acc.add(decode(self.blobs.get(u.blob_hash, verify=True))[0], float(u.num_examples), check=False)
-            digest = self.blobs.put(encode(acc.mean()))
-            examples = sum(u.num_examples for u in updates)
-            fields = {"global_out": digest, "metrics": {**round_metrics(updates), "relay": {"examples": examples}}}
-        else:
-            evals = [EvaluationResult.model_validate(t.result["evaluation"]) for t in done]  # type: ignore[index]
-            fields = {"metrics": {"relay": {"evaluation": combine_evaluations(evals).model_dump(mode="json")}}}
-        if rnd.kind == "evaluate":  # the upper job's last round: the relay job is done
-            self.store.finish_job(job.id, state="completed", reason=None, close=rnd, close_fields=fields)
-        else:
-            self.store.close_round(rnd, "closed", fields)
-
-    # ------------------------------------------------------------------ jobs
-
-    def submit(self, raw_spec: Any, principal: Principal) -> Job:
-        spec = parse_spec(raw_spec)
-        sites = self._eligible(spec)
-        if len(sites) < spec.min_sites:
-            raise ConflictError(
-                f"min_sites is {spec.min_sites} but only {len(sites)} active site(s) are enrolled"
-                + (f" in tenants {spec.tenants}" if spec.tenants else "")
-                + "; enroll more sites or lower min_sites."
-            )
-        canonical = spec.model_dump(mode="json")
-        spec_hash = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-        job = self.store.create_job(spec.name, canonical, spec_hash, principal.credential_id, principal.name)
-        self._open(job.id, spec, 0, 0, "profile", None)
-        return self.store.get_job(job.id)
-
-    def submit_adapter(self, req: AdapterRequest, principal: Principal) -> Job:
-        """Start an adapter fine-tune: ``req.site`` trains the declared subset of the base's
-        parameters on its own data, from the base's weights and under the base's spec
-        (features, label, preprocessing, split); the finished job registers the composite
-        (base + adapter) as a version of its own model, signed and released like any
-        other. A tenant's operator may adapt for their own sites only."""
-        model, version = req.base.split(":")
-        base = self.store.get_version(model, int(version))
-        if base.release_digest is None:
-            raise ConflictError(f"{base.ref} has no signed release yet; adapt a released version.")
-        site = next((s for s in self.store.list_sites() if s.name == req.site), None)
-        if site is None:
-            raise ValidationError(f"no site named {req.site!r}; see `consortia sites`.")
-        if principal.tenant_id is not None and principal.tenant_id != site.tenant_id:
-            raise PermissionDeniedError(
-                f"site {req.site!r} belongs to another tenant; an operator adapts for their own tenant's sites only."
-            )
-        if site.status != "active":
-            raise ConflictError(f"site {req.site!r} is {site.status}; it cannot train.")
-        if "job" not in base.lineage or not base.lineage.get("preprocessing"):
-            raise ConflictError(f"{base.ref} has no training lineage to adapt from.")
-        try:
-            params = resolve_adapter(self.params(base.params_hash), req.params)
-        except SpecError as exc:
-            raise ValidationError(exc.message) from exc
-        name = req.model or f"{base.model}-{site.name}"
-        if len(name) > 63:
-            raise ValidationError(f"composite model name {name!r} is longer than 63 characters; pass --model NAME.")
-        if name == base.model:
-            raise ValidationError("the composite needs its own registered model name, not the base's.")
-        raw = {k: v for k, v in base.lineage["job"]["spec"].items() if k != "adapter"}
-        raw.update(
-            name=name,
-            model=name,
-            rounds=req.rounds,
-            local_epochs=req.local_epochs,
-            min_sites=1,
-            fraction=1.0,
-            tenants=[site.tenant],
-            strategy={"name": "fedavg", "options": {}},
-            robust=None,  # one site: nothing to be robust against, nothing to hide a sum in
-            secure_aggregation=None,
-            adapter={"base": base.ref, "site": site.name, "params": params},
-        )
-        for key in ("learning_rate", "batch_size", "round_deadline_seconds"):
-            if getattr(req, key) is not None:
-                raw[key] = getattr(req, key)
-        spec = parse_spec(raw)
-        return self._start_from(
-            base, spec, principal, "adapter_started", {"base": base.ref, "site": site.name, "params": params}
-        )
-
-    def _start_from(
-        self, base: ModelVersion, spec: JobSpec, principal: Principal, event: str, detail: dict[str, Any]
-    ) -> Job:
-        """Create the job and open its round 1 from ``base``'s weights and preprocessing
-        plan (no profile round: the agreed bins and vocabularies stay)."""
-        canonical = spec.model_dump(mode="json")
-        spec_hash = hashlib.sha256(json.dumps(canonical, sort_keys=True).encode()).hexdigest()
-        job = self.store.create_job(spec.name, canonical, spec_hash, principal.credential_id, principal.name)
-        self.store.add_event(job.id, event, detail)
-        self._open(
-            job.id,
-            spec,
-            1,
-            0,
-            "train",
-            base.params_hash,
-            job_fields={"preprocessing": base.lineage["preprocessing"], "global_hash": base.params_hash},
-        )
-        return self.store.get_job(job.id)
-
-    def submit_retrain(self, base_ref: str, principal: Principal, rounds: int | None = None) -> Job:
-        """Federated retraining of a released version under its own job spec, warm-started
-        from its weights and its preprocessing plan (agreed bins, vocabularies and model
-        shape stay), on the sites' current data. The finished job registers the next
-        version of the same model, its lineage naming the version it started from."""
-        model, _, version = base_ref.rpartition(":")
-        base = self.store.get_version(model, int(version))
-        if base.release_digest is None:
-            raise ConflictError(f"{base.ref} has no signed release yet; retrain from a released version.")
-        if "job" not in base.lineage or not base.lineage.get("preprocessing"):
-            raise ConflictError(f"{base.ref} has no training lineage to retrain from.")
-        raw = dict(base.lineage["job"]["spec"])
-        if raw.get("adapter"):
-            raise ConflictError(f"{base.ref} is a composite (base + adapter); retrain its base instead.")
-        raw["warm_start"] = base.ref
-        if rounds is not None:
-            raw["rounds"] = rounds
-        spec = parse_spec(raw)
-        sites = self._eligible(spec)
-        if len(sites) < spec.min_sites:
-            raise ConflictError(
-                f"retraining {base.ref} needs {spec.min_sites} active sites; {len(sites)} are enrolled and active."
-            )
-        return self._start_from(
-            base, spec, principal, "retrain_started", {"warm_start": base.ref, "rounds": spec.rounds}
-        )
 
     def recover(self, grace_fraction: float) -> None:
         """After a restart: give open rounds back part of their deadline, since sites could
@@ -566,41 +367,6 @@ class RoundService:
                 await self._close(job, spec, self.store.get_round(round_id))
             elif expired or everyone:
                 self._retry_or_fail(job, spec, self.store.get_round(round_id))
-
-    async def abort_secure(self, round_id: int, why: str) -> None:
-        """A secure round fell below its threshold (or lost its session): retry or fail."""
-        rnd, _ = self.store.round_progress(round_id)
-        if rnd.state != "open":
-            return
-        lock = self._lock(rnd.job_id)
-        if lock.locked():  # called from inside the secure check, which holds it
-            self._abort_secure_locked(round_id, why)
-            return
-        async with lock:
-            self._abort_secure_locked(round_id, why)
-
-    def _abort_secure_locked(self, round_id: int, why: str) -> None:
-        rnd = self.store.get_round(round_id)
-        if rnd.state != "open":
-            return
-        job = self.store.get_job(rnd.job_id)
-        self.secure.sessions.pop(round_id, None)
-        self._retry_or_fail(job, JobSpec.model_validate(job.spec), rnd, f"secure aggregation aborted: {why}")
-
-    async def close_secure(self, session: SecureRound) -> None:
-        """Stage 4 closed: the unmasked sum becomes the round's model (caller holds the lock)."""
-        rnd = self.store.get_round(session.round_id)
-        job = self.store.get_job(rnd.job_id)
-        if rnd.state != "open":
-            return
-        spec = JobSpec.model_validate(job.spec)
-        assert rnd.global_in is not None
-        current = self.params(rnd.global_in)
-        mean, info = self.secure.mean(session, spec, current, len(rnd.tasks))
-        state = decode(self.blobs.get(job.state_hash))[0] if job.state_hash else {}
-        strategy = make_strategy(spec.strategy.name, spec.strategy.options)
-        new_params, new_state = strategy.apply(current, mean, state)
-        await self._close_train(job, spec, rnd, (new_params, new_state, info))
 
     def _retry_or_fail(self, job: Job, spec: JobSpec, rnd: Round, why_not: str | None = None) -> None:
         completed = [t for t in rnd.tasks if t.state == "completed"]
