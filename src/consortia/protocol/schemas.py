@@ -150,6 +150,16 @@ class SecureAggregationSpec(_Strict):
     stage_seconds: float = Field(default=60.0, gt=0.0, le=86_400.0, description="deadline of each protocol stage")
 
 
+class AsyncSpec(_Strict):
+    """Buffered asynchronous aggregation (FedBuff): a new model every ``buffer_size``
+    updates, each weighted by ``(1 + staleness) ** -staleness_exponent``."""
+
+    buffer_size: int = Field(ge=1, le=100_000, description="K: updates per model version")
+    staleness_exponent: float = Field(default=0.5, ge=0.0, le=10.0)
+    max_staleness: int = Field(default=10, ge=0, le=10_000, description="older updates are recorded, not applied")
+    server_learning_rate: float = Field(default=1.0, gt=0.0, le=100.0)
+
+
 class RelaySpec(_Strict):
     """Set by a hub on its local copy of an upper coordinator's job, never by hand."""
 
@@ -245,6 +255,9 @@ class JobSpec(_Strict):
         default=None, description="mask updates so the coordinator sees only their sum"
     )
     relay: RelaySpec | None = Field(default=None, description="set by a hub: the upper job this one relays")
+    asynchronous: AsyncSpec | None = Field(
+        default=None, description="FedBuff: apply updates as they arrive, K at a time, instead of in rounds"
+    )
     preprocessing: PreprocessingSpec = PreprocessingSpec()
     rounds: int = Field(ge=1, le=10_000)
     min_sites: int = Field(default=2, ge=1)
@@ -289,6 +302,13 @@ class JobSpec(_Strict):
             )
         if self.secure_aggregation is not None:
             self._check_secure_aggregation()
+        if self.asynchronous is not None:
+            clash = [k for k in ("secure_aggregation", "robust", "privacy", "adapter") if getattr(self, k) is not None]
+            if clash:
+                raise ValueError(
+                    f"asynchronous (FedBuff) cannot be combined with {', '.join(clash)} yet: those need a round's "
+                    "cohort (masks, robust statistics, per-round accounting); drop one of them."
+                )
         return self
 
     def _check_secure_aggregation(self) -> None:

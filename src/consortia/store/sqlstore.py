@@ -174,9 +174,11 @@ class SqlStore(IdentityStore):
         close_state: str = CLOSED,
         close_fields: dict[str, Any] | None = None,
         job_fields: dict[str, Any] | None = None,
+        metrics: dict[str, Any] | None = None,
     ) -> Round:
         """Atomically: close/abandon ``close`` (if given, and only if still open), update
-        the job, and open the next round with one pending task per site."""
+        the job, and open the next round with one pending task per site (``metrics`` are
+        the new round's own from the start, e.g. which buffered updates made its model)."""
         now = utcnow()
         with self._tx() as s:
             if close is not None:
@@ -192,6 +194,7 @@ class SqlStore(IdentityStore):
                 global_in=global_in,
                 deadline_at=deadline_at,
                 created_at=now,
+                metrics=metrics,
             )
             s.add(row)
             s.flush()

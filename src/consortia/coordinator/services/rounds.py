@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from consortia.coordinator.faults import crash_point
+from consortia.coordinator.services.fedbuff import BufferedRounds
 from consortia.coordinator.services.lineage import build_lineage, contributors
 from consortia.coordinator.services.relay import RelayRounds
 from consortia.coordinator.services.results import (
@@ -97,7 +98,7 @@ class SiteNotifier:
                 ev.set()
 
 
-class RoundService(JobSubmission, RelayRounds):
+class RoundService(JobSubmission, RelayRounds, BufferedRounds):
     """Submits jobs, hands out tasks, receives answers and closes rounds."""
 
     def __init__(self, store: SqlStore, blobs: BlobStore, *, max_poll_seconds: float = 30.0) -> None:
@@ -346,6 +347,10 @@ class RoundService(JobSubmission, RelayRounds):
         rnd, _ = self.store.round_progress(round_id)
         if rnd.state == "open" and rnd.kind == "train":
             spec = JobSpec.model_validate(self.store.get_job(rnd.job_id).spec)
+            if spec.asynchronous is not None:  # FedBuff: the buffer decides, not the round
+                async with self._lock(rnd.job_id):
+                    await self._check_buffered(self.store.get_job(rnd.job_id), spec)
+                return
             if spec.secure_aggregation is not None:  # the protocol's stages decide, not the update count
                 if round_id in self.secure.sessions:
                     await self.secure.check(round_id)
@@ -516,6 +521,8 @@ class RoundService(JobSubmission, RelayRounds):
         done = [t for t in rnd.tasks if t.state == "completed" and t.result]
         evals = {t.site: EvaluationResult.model_validate(t.result["evaluation"]) for t in done}  # type: ignore[index]
         metrics = pool(evals)
+        if (rnd.metrics or {}).get("fedbuff"):  # FedBuff: the buffer that made the evaluated model
+            metrics["fedbuff"] = rnd.metrics["fedbuff"]  # type: ignore[index]
         assert rnd.global_in is not None
         rounds = [r if r.id != rnd.id else _closed(r) for r in self.store.job_rounds(job.id)]
         updates = {r.id: self.store.round_updates(r.id) for r in rounds if r.kind == "train" and r.state == "closed"}
