@@ -55,6 +55,7 @@ class Meter:
         self.received = 0
         self.cpu = 0.0
         self.site_rounds = 0
+        self.errors: list[str] = []
 
     async def call(self, client: httpx.AsyncClient, method: str, url: str, **kw: Any) -> httpx.Response:
         r = await client.request(method, url, **kw)
@@ -137,7 +138,10 @@ async def site(m: Meter, client: httpx.AsyncClient, cred: str, stop: asyncio.Eve
                     blob = (await m.call(client, "GET", f"/v1/blobs/{h}", headers=headers)).content
                     cache[h] = decode(blob)[0]
                 if "secagg" in t["payload"]:
-                    await secure_train(m, client, headers, t, cache[h])
+                    try:
+                        await secure_train(m, client, headers, t, cache[h])
+                    except Exception as exc:  # a dropped simulated site: counted, never silent
+                        m.errors.append(f"{type(exc).__name__}: {exc}"[:300])
                 else:
                     t0 = time.process_time()
                     names = sorted(cache[h])
@@ -164,7 +168,7 @@ async def run_job(url: str, admin: str, creds: list[str], secure: bool) -> tuple
             "min_sites": len(creds),
         }
         if secure:
-            spec["secure_aggregation"] = {"stage_seconds": 300, "clip_range": 0.1}
+            spec["secure_aggregation"] = {"stage_seconds": 60, "clip_range": 0.1}
         job = (await client.post("/v1/jobs", json=spec, headers=headers)).json()
         while job["state"] not in ("completed", "failed"):
             await asyncio.sleep(0.5)
@@ -188,6 +192,8 @@ def measure(n: int, secure: bool) -> dict:
     closed = sorted(datetime.fromisoformat(r["closed_at"]) for r in job["rounds"] if r["kind"] in ("profile", "train"))
     gaps = [(b - a).total_seconds() for a, b in zip(closed, closed[1:], strict=False)]
     per = max(meter.site_rounds, 1)
+    for e in sorted(set(meter.errors))[:5]:
+        print(f"  site error ({meter.errors.count(e)}x): {e}", flush=True)
     return {
         "sites": n,
         "secure": secure,
@@ -195,6 +201,7 @@ def measure(n: int, secure: bool) -> dict:
         "site_cpu_seconds_per_round": meter.cpu / per,
         "bytes_sent_per_site_round": meter.sent / per,
         "bytes_received_per_site_round": meter.received / per,
+        "site_errors": len(meter.errors),
         "survivors": [
             r["metrics"].get("secure_aggregation", {}).get("survivors") for r in job["rounds"] if r["kind"] == "train"
         ],

@@ -60,8 +60,12 @@ def run_round(config, values, drops=None, weights=None, seed=0):
         w = 1.0 if weights is None else weights[i]
         rng = np.random.default_rng(seed + i)
         # the plaintext this site masks, for the test's comparison only
-        quantised[s] = quantize(
-            np.concatenate([[w], values[i] * w]), config.clip_range, config.bits, np.random.default_rng(seed + i)
+        q_rng = np.random.default_rng(seed + i)
+        quantised[s] = np.concatenate(
+            [
+                quantize(np.array([w]), 1.0, config.bits, q_rng),
+                quantize(values[i] * w, config.clip_range, config.bits, q_rng),
+            ]
         )
         server.add_masked(s, sites[s].masked_input(values[i], w, server.ciphertexts_for(s), rng))
     alive -= set(drops.get(4, ()))
@@ -120,16 +124,17 @@ def test_a_sparse_neighbour_graph_sums_exactly_with_a_dropout():
     assert count == 39
 
 
-def test_weighted_inputs_carry_their_weights():
-    values = _values(n=6)
+@pytest.mark.parametrize("clip_range", [1.0, 0.05])
+def test_weighted_inputs_carry_their_weights_whatever_the_clip_range(clip_range):
+    values = _values(n=6) * 0.04  # inside the smaller range too
     weights = [1.0, 0.5, 0.25, 1.0, 0.1, 0.8]
-    config = _config(n=6, t=4)
+    base = _config(n=6, t=4)
+    config = SecAggConfig(base.sites, 4, clip_range, base.context, 0, 5)
     _, total, count, _, _ = run_round(config, values, weights=weights)
-    plain = dequantize(total, 1.0, config.bits, count)
-    assert plain[0] == pytest.approx(sum(weights), abs=1e-5)
-    mean = plain[1:] / plain[0]
+    weight_sum, summed = config.decode(total, count)
+    assert weight_sum == pytest.approx(sum(weights), abs=1e-5)
     exact = (values * np.array(weights)[:, None]).sum(axis=0) / sum(weights)
-    np.testing.assert_allclose(mean, exact, atol=1e-5)
+    np.testing.assert_allclose(summed / weight_sum, exact, atol=1e-5)
 
 
 # ------------------------------------------------------------------ malicious unmask requests

@@ -156,6 +156,12 @@ class SecAggConfig:
     def neighbours(self) -> dict[int, tuple[int, ...]]:
         return harary_neighbours(self.sites, self.k, self.graph_seed)
 
+    def decode(self, total: np.ndarray, count: int) -> tuple[float, np.ndarray]:
+        """``(sum of weights, sum of weight * values)`` from an unmasked sum of ``count``
+        inputs (the weight is quantised on [-1, 1], the values on ``clip_range``)."""
+        weight = float(dequantize(total[:1], 1.0, self.bits, count)[0])
+        return weight, dequantize(total[1:], self.clip_range, self.bits, count)
+
 
 def harary_neighbours(sites: Sequence[int], k: int, seed: int) -> dict[int, tuple[int, ...]]:
     """A random ``k``-regular graph: the Harary graph on a seeded permutation of ``sites``
@@ -398,8 +404,13 @@ class SiteSession:
         survivors = sorted(ciphertexts)
         if len(survivors) + 1 < self.config.threshold:
             raise SecAggAbort(f"site {self.site}: only {len(survivors)} neighbour(s) shared keys.")
-        vector = np.concatenate([[weight], np.asarray(values, np.float64).reshape(-1) * weight])
-        q = quantize(vector, self.config.clip_range, self.config.bits, rng)
+        bits = self.config.bits
+        q = np.concatenate(  # the weight in (0, 1] on its own range, the values on clip_range
+            [
+                quantize(np.array([weight]), 1.0, bits, rng),
+                quantize(np.asarray(values, np.float64).reshape(-1) * weight, self.config.clip_range, bits, rng),
+            ]
+        )
         q += expand_mask(self._b, q.size)
         seeds = {j: _pairwise_seed(self._s, self._keys[j][1], self.config.context) for j in survivors}
         q += _pairwise_total(self.site, seeds, q.size)

@@ -33,7 +33,7 @@ import numpy as np
 
 from consortia.core.params import Params
 from consortia.core.robust import flatten, unflatten
-from consortia.core.secagg import SecAggConfig, SecAggError, ServerSession, dequantize
+from consortia.core.secagg import SecAggConfig, SecAggError, ServerSession
 from consortia.errors import ConflictError, UpdateError, ValidationError
 from consortia.protocol.schemas import JobSpec
 from consortia.protocol.tensors import decode_wire
@@ -330,10 +330,10 @@ class SecureAggregator:
         assert st.result is not None
         total, count = st.result
         c = st.config
-        vec = dequantize(total, c.clip_range, c.bits, count)
+        weight_sum, values = c.decode(total, count)
         base = flatten(current, st.names)
-        divisor = expected if spec.privacy is not None else max(vec[0], 1e-12)
-        delta = vec[1:] / divisor
+        divisor = expected if spec.privacy is not None else max(weight_sum, 1e-12)
+        delta = values / divisor
         info = {
             "secure_aggregation": {
                 "sites": len(c.sites),
@@ -342,7 +342,7 @@ class SecureAggregator:
                 "bits": c.bits,
                 "survivors": count,
                 "dropped_by_stage": {str(k): v for k, v in st.dropped.items()},
-                "weight_sum": float(vec[0]),
+                "weight_sum": weight_sum,
             }
         }
         return unflatten(base + delta, current, st.names), info
