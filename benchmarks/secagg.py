@@ -58,7 +58,14 @@ class Meter:
         self.errors: list[str] = []
 
     async def call(self, client: httpx.AsyncClient, method: str, url: str, **kw: Any) -> httpx.Response:
-        r = await client.request(method, url, **kw)
+        for attempt in range(4):  # a pooled keep-alive connection the server closed: retry
+            try:
+                r = await client.request(method, url, **kw)
+                break
+            except httpx.TransportError:
+                if attempt == 3:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
         req = r.request
         self.sent += len(req.content or b"") + len(str(req.url)) + sum(len(k) + len(v) for k, v in req.headers.items())
         self.received += len(r.content) + sum(len(k) + len(v) for k, v in r.headers.items())

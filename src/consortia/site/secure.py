@@ -21,6 +21,7 @@ import numpy as np
 from consortia.core.privacy import clip, gaussian, site_noise_std
 from consortia.core.robust import flatten
 from consortia.core.secagg import SecAggConfig, SecAggError, SiteSession
+from consortia.errors import CoordinatorUnavailable
 from consortia.protocol.schemas import JobSpec, TaskPublic
 from consortia.protocol.tensors import encode_wire
 
@@ -39,13 +40,29 @@ def _unb64(text: str) -> bytes:
     return base64.b64decode(text, validate=True)
 
 
+def _retry(call: Any, *args: Any, **kwargs: Any) -> Any:
+    """Every secure-aggregation call is idempotent (keys, shares and unmask answers are
+    kept once; a masked update counts once), so a dropped connection is retried: a site
+    that gave up on one transport error would be dropped from the round and hold up the
+    stage until its deadline."""
+    for attempt in range(4):
+        try:
+            return call(*args, **kwargs)
+        except CoordinatorUnavailable:
+            if attempt == 3:
+                raise
+            time.sleep(0.25 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def _wait(ctx: Any, task: TaskPublic, after: int, until: float) -> dict[str, Any]:
     """Long-poll the coordinator until the protocol is past stage ``after``."""
     while True:
         left = until - time.monotonic()
         if left <= 0:
             raise SecAggError(f"secure round of task {task.id}: gave up waiting after stage {after}.")
-        view = ctx.client.request(
+        view = _retry(
+            ctx.client.request,
             "GET",
             f"/v1/tasks/{task.id}/secagg",
             params={"after": after, "wait": min(20.0, max(left, 0.1))},
@@ -99,19 +116,19 @@ def secure_update(
     )
     base_url = f"/v1/tasks/{task.id}/secagg"
     c_pk, s_pk = session.advertise()
-    ctx.client.post_json(
-        f"{base_url}/keys", {"c_public": _b64(c_pk), "s_public": _b64(s_pk), "num_examples": num_examples}
-    )
+    advert = {"c_public": _b64(c_pk), "s_public": _b64(s_pk), "num_examples": num_examples}
+    _retry(ctx.client.post_json, f"{base_url}/keys", advert)
     view = _wait(ctx, task, 1, until)
     keys = {int(j): (_unb64(c), _unb64(s)) for j, (c, s) in view["keys"].items()}
     cts = session.share_keys(keys)
-    ctx.client.post_json(f"{base_url}/shares", {"ciphertexts": {str(j): _b64(ct) for j, ct in cts.items()}})
+    shared = {"ciphertexts": {str(j): _b64(ct) for j, ct in cts.items()}}
+    _retry(ctx.client.post_json, f"{base_url}/shares", shared)
     view = _wait(ctx, task, 2, until)
     weight = 1.0 if spec.privacy is not None else num_examples / max(int(view.get("max_examples") or 0), num_examples)
     received = {int(j): _unb64(ct) for j, ct in view["ciphertexts"].items()}
     masked = session.masked_input(delta, weight, received, np.random.default_rng())
     body = encode_wire({"masked": masked}, {**meta, "encoding": "secagg/masked"})
-    ctx.client.submit_update(task.id, body)
+    _retry(ctx.client.submit_update, task.id, body)
     view = _wait(ctx, task, 3, until)
     request = view["unmask"]
     try:
@@ -119,6 +136,8 @@ def secure_update(
     except SecAggError as exc:  # a request that could reveal our update: say so, send nothing
         log.error("task %s: refused the unmask request: %s", task.id, exc.message)
         raise
-    return ctx.client.post_json(
-        f"{base_url}/unmask", {"shares": {str(j): [kind, str(v)] for j, (kind, v) in shares.items()}}
+    return _retry(
+        ctx.client.post_json,
+        f"{base_url}/unmask",
+        {"shares": {str(j): [kind, str(v)] for j, (kind, v) in shares.items()}},
     )
