@@ -72,7 +72,12 @@ class Meter:
         return r
 
 
-async def _view(m: Meter, client, headers, task_id: int, after: int) -> dict:
+async def _view(m: Meter, client, headers, task_id: int, after: int, answer: httpx.Response | None = None) -> dict:
+    view = answer.json().get("view") if answer is not None else None
+    if view is not None and view["stage"] > after:  # the stage POST long-polled it for us
+        if view.get("aborted") or view.get("dropped"):
+            raise RuntimeError(view)
+        return view
     while True:
         r = await m.call(
             client, "GET", f"/v1/tasks/{task_id}/secagg", params={"after": after, "wait": 20}, headers=headers
@@ -101,22 +106,22 @@ async def secure_train(m: Meter, client, headers, t: dict, params: dict) -> None
     m.cpu += time.process_time() - t0
     base = f"/v1/tasks/{t['id']}/secagg"
     body = {"c_public": _b64(c_pk), "s_public": _b64(s_pk), "num_examples": 100}
-    await m.call(client, "POST", f"{base}/keys", json=body, headers=headers)
-    view = await _view(m, client, headers, t["id"], 1)
+    r = await m.call(client, "POST", f"{base}/keys", json=body, headers=headers, params={"wait": 20})
+    view = await _view(m, client, headers, t["id"], 1, r)
     t0 = time.process_time()
     keys = {int(j): (base64.b64decode(c), base64.b64decode(s)) for j, (c, s) in view["keys"].items()}
     cts = session.share_keys(keys)
     m.cpu += time.process_time() - t0
     body = {"ciphertexts": {str(j): _b64(ct) for j, ct in cts.items()}}
-    await m.call(client, "POST", f"{base}/shares", json=body, headers=headers)
-    view = await _view(m, client, headers, t["id"], 2)
+    r = await m.call(client, "POST", f"{base}/shares", json=body, headers=headers, params={"wait": 20})
+    view = await _view(m, client, headers, t["id"], 2, r)
     t0 = time.process_time()
     received = {int(j): base64.b64decode(ct) for j, ct in view["ciphertexts"].items()}
     masked = session.masked_input(delta, 1.0, received, np.random.default_rng())
     wire = encode_wire({"masked": masked}, {"num_examples": "100", "encoding": "secagg/masked"})
     m.cpu += time.process_time() - t0
-    await m.call(client, "POST", f"/v1/tasks/{t['id']}/update", content=wire, headers=headers)
-    view = await _view(m, client, headers, t["id"], 3)
+    r = await m.call(client, "POST", f"/v1/tasks/{t['id']}/update", content=wire, headers=headers, params={"wait": 20})
+    view = await _view(m, client, headers, t["id"], 3, r)
     t0 = time.process_time()
     shares = session.unmask(view["unmask"]["active"], view["unmask"]["dropped"])
     m.cpu += time.process_time() - t0

@@ -112,9 +112,14 @@ class CoordinatorClient:
             raise CoordinatorUnavailable(f"blob {digest} arrived corrupted (hash mismatch); will retry.")
         return data
 
-    def submit_update(self, task_id: int, body: bytes) -> dict[str, Any]:
+    def submit_update(self, task_id: int, body: bytes, wait: float = 0.0) -> dict[str, Any]:
         resp = self.request(
-            "POST", f"/v1/tasks/{task_id}/update", content=body, headers={"Content-Type": "application/octet-stream"}
+            "POST",
+            f"/v1/tasks/{task_id}/update",
+            content=body,
+            headers={"Content-Type": "application/octet-stream"},
+            params={"wait": wait} if wait else None,
+            timeout=60.0 + wait,
         )
         return resp.json()  # type: ignore[no-any-return]
 

@@ -30,6 +30,7 @@ __all__ = ["secure_update"]
 log = logging.getLogger(__name__)
 
 DONE = 5
+WAIT = 20.0  # seconds a stage POST may long-poll for the next stage
 
 
 def _b64(raw: bytes) -> str:
@@ -55,8 +56,12 @@ def _retry(call: Any, *args: Any, **kwargs: Any) -> Any:
     raise AssertionError("unreachable")
 
 
-def _wait(ctx: Any, task: TaskPublic, after: int, until: float) -> dict[str, Any]:
-    """Long-poll the coordinator until the protocol is past stage ``after``."""
+def _wait(ctx: Any, task: TaskPublic, after: int, until: float, answer: Any = None) -> dict[str, Any]:
+    """The view once the protocol is past stage ``after``: from ``answer`` (a stage POST
+    made with ``wait``) when it got that far, else by long-polling the coordinator."""
+    view = (answer or {}).get("view") if isinstance(answer, dict) else None
+    if view is not None and view["stage"] > after:
+        return _checked(task, view, after)
     while True:
         left = until - time.monotonic()
         if left <= 0:
@@ -69,12 +74,16 @@ def _wait(ctx: Any, task: TaskPublic, after: int, until: float) -> dict[str, Any
             timeout=min(20.0, max(left, 0.1)) + 30.0,
         ).json()
         if view["stage"] > after:
-            if view.get("aborted") or view.get("dropped"):
-                raise SecAggError(
-                    f"secure round of task {task.id} ended without this site: "
-                    + (view.get("aborted") or "dropped by the coordinator")
-                )
-            return view
+            return _checked(task, view, after)
+
+
+def _checked(task: TaskPublic, view: dict[str, Any], after: int) -> dict[str, Any]:
+    if view.get("aborted") or view.get("dropped"):
+        raise SecAggError(
+            f"secure round of task {task.id} ended without this site: "
+            + (view.get("aborted") or "dropped by the coordinator")
+        )
+    return view
 
 
 def secure_update(
@@ -117,19 +126,19 @@ def secure_update(
     base_url = f"/v1/tasks/{task.id}/secagg"
     c_pk, s_pk = session.advertise()
     advert = {"c_public": _b64(c_pk), "s_public": _b64(s_pk), "num_examples": num_examples}
-    _retry(ctx.client.post_json, f"{base_url}/keys", advert)
-    view = _wait(ctx, task, 1, until)
+    answer = _retry(ctx.client.post_json, f"{base_url}/keys?wait={WAIT}", advert)
+    view = _wait(ctx, task, 1, until, answer)
     keys = {int(j): (_unb64(c), _unb64(s)) for j, (c, s) in view["keys"].items()}
     cts = session.share_keys(keys)
     shared = {"ciphertexts": {str(j): _b64(ct) for j, ct in cts.items()}}
-    _retry(ctx.client.post_json, f"{base_url}/shares", shared)
-    view = _wait(ctx, task, 2, until)
+    answer = _retry(ctx.client.post_json, f"{base_url}/shares?wait={WAIT}", shared)
+    view = _wait(ctx, task, 2, until, answer)
     weight = 1.0 if spec.privacy is not None else num_examples / max(int(view.get("max_examples") or 0), num_examples)
     received = {int(j): _unb64(ct) for j, ct in view["ciphertexts"].items()}
     masked = session.masked_input(delta, weight, received, np.random.default_rng())
     body = encode_wire({"masked": masked}, {**meta, "encoding": "secagg/masked"})
-    _retry(ctx.client.submit_update, task.id, body)
-    view = _wait(ctx, task, 3, until)
+    answer = _retry(ctx.client.submit_update, task.id, body, wait=WAIT)
+    view = _wait(ctx, task, 3, until, answer)
     request = view["unmask"]
     try:
         shares = session.unmask(request["active"], request["dropped"])

@@ -42,23 +42,39 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 @router.post("/tasks/{task_id}/update")
-async def upload_update(task_id: int, request: Request, rounds: RoundsDep, site: SitePrincipal) -> dict[str, Any]:
+async def upload_update(
+    task_id: int,
+    request: Request,
+    rounds: RoundsDep,
+    site: SitePrincipal,
+    wait: Annotated[float, Query(ge=0, le=60, description="secure rounds: long-poll the next stage")] = 0,
+) -> dict[str, Any]:
     """Upload a model update as a safetensors body (metadata: num_examples, metrics)."""
     body = await _read_body(request, request.app.state.settings.max_update_bytes)
-    return await rounds.receive_update(site, task_id, body)
+    return await rounds.receive_update(site, task_id, body, wait=wait)
 
 
 @router.post("/tasks/{task_id}/secagg/{stage}")
 async def secagg_stage(
-    task_id: int, stage: str, body: dict[str, Any], rounds: RoundsDep, site: SitePrincipal
+    task_id: int,
+    stage: str,
+    body: dict[str, Any],
+    rounds: RoundsDep,
+    site: SitePrincipal,
+    wait: Annotated[float, Query(ge=0, le=60, description="long-poll the next stage's view in the answer")] = 0,
 ) -> dict[str, Any]:
     """Secure aggregation: ``keys`` (stage 1), ``shares`` (stage 2), ``unmask`` (stage 4).
-    The masked update of stage 3 goes to ``/update``."""
+    The masked update of stage 3 goes to ``/update``. With ``wait`` the answer also holds
+    the next stage's view once it opens (one round trip instead of two)."""
     task = rounds._own_task(site, task_id)
     handlers = {"keys": rounds.secure.advertise, "shares": rounds.secure.share, "unmask": rounds.secure.unmask}
+    numbers = {"keys": 1, "shares": 2, "unmask": 4}
     if stage not in handlers:
         raise NotFoundError(f"no secure-aggregation stage {stage!r}; use keys, shares or unmask.")
-    return await handlers[stage](site, task, body)
+    out = await handlers[stage](site, task, body)
+    if wait > 0 and stage != "unmask":
+        out["view"] = await rounds.secure.poll(site, task, numbers[stage], wait)
+    return out
 
 
 @router.get("/tasks/{task_id}/secagg")

@@ -275,7 +275,9 @@ class RoundService(JobSubmission, RelayRounds, BufferedRounds):
             return principal.site_id is not None and self.store.site_may_read_blob(principal.site_id, digest)
         return principal.role in ("admin", "operator", "auditor") and principal.tenant_id is None
 
-    async def receive_update(self, principal: Principal, task_id: int, body: bytes) -> dict[str, Any]:
+    async def receive_update(
+        self, principal: Principal, task_id: int, body: bytes, wait: float = 0.0
+    ) -> dict[str, Any]:
         """Validate and record a model update; malformed ones fail the site's task."""
         task = self._own_task(principal, task_id)
         if task.kind != "train":
@@ -283,6 +285,8 @@ class RoundService(JobSubmission, RelayRounds, BufferedRounds):
         if task.round_id in self.secure.sessions:  # stage 3 of a secure round: a masked input
             out = await self.secure.masked(principal, task, body)
             self._schedule_check(task.round_id)
+            if wait > 0 and task.round_id in self.secure.sessions:
+                out["view"] = await self.secure.poll(principal, task, 3, wait)
             return out
         try:
             spec = JobSpec.model_validate(self.store.get_job(task.job_id).spec)
