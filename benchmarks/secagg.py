@@ -130,7 +130,15 @@ async def secure_train(m: Meter, client, headers, t: dict, params: dict) -> None
     m.site_rounds += 1
 
 
-async def site(m: Meter, client: httpx.AsyncClient, cred: str, stop: asyncio.Event) -> None:
+async def site(m: Meter, url: str, cred: str, stop: asyncio.Event) -> None:
+    # Each simulated site has its own client (connection pool), as a real site agent does:
+    # one pool shared by N sites costs O(N) per request in httpcore's pool bookkeeping,
+    # which at 100 sites made the simulator, not the protocol, the bottleneck.
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        await _site_loop(m, client, cred, stop)
+
+
+async def _site_loop(m: Meter, client: httpx.AsyncClient, cred: str, stop: asyncio.Event) -> None:
     headers = {"Authorization": f"Bearer {cred}"}
     cache: dict[str, dict] = {}
     while not stop.is_set():
@@ -168,9 +176,8 @@ async def site(m: Meter, client: httpx.AsyncClient, cred: str, stop: asyncio.Eve
 async def run_job(url: str, admin: str, creds: list[str], secure: bool) -> tuple[dict, Meter]:
     stop = asyncio.Event()
     meter = Meter()
-    limits = httpx.Limits(max_connections=len(creds) * 2 + 20, max_keepalive_connections=len(creds) * 2 + 20)
-    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as client:
-        tasks = [asyncio.create_task(site(meter, client, c, stop)) for c in creds]
+    async with httpx.AsyncClient(base_url=url, timeout=300) as client:
+        tasks = [asyncio.create_task(site(meter, url, c, stop)) for c in creds]
         headers = {"Authorization": f"Bearer {admin}"}
         spec: dict[str, Any] = {
             **SPEC,
@@ -181,11 +188,14 @@ async def run_job(url: str, admin: str, creds: list[str], secure: bool) -> tuple
         }
         if secure:
             spec["secure_aggregation"] = {"stage_seconds": 60, "clip_range": 0.1}
-        job = (await client.post("/v1/jobs", json=spec, headers=headers)).json()
+        admin = Meter()  # its retries, not its bytes
+        job = (await admin.call(client, "POST", "/v1/jobs", json=spec, headers=headers)).json()
         while job["state"] not in ("completed", "failed"):
             await asyncio.sleep(0.5)
-            job = (await client.get(f"/v1/jobs/{job['id']}", headers=headers)).json()
+            job = (await admin.call(client, "GET", f"/v1/jobs/{job['id']}", headers=headers)).json()
         stop.set()
+        for t in tasks:  # a site may be inside a long poll: stop it before the client closes
+            t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
     return job, meter
 
