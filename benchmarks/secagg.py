@@ -41,7 +41,7 @@ from consortia.core.robust import flatten  # noqa: E402
 from consortia.core.secagg import SecAggConfig, SiteSession  # noqa: E402
 from consortia.protocol.tensors import decode, encode, encode_wire  # noqa: E402
 
-ROUNDS = 4
+ROUNDS = 8
 RECIPE = {"name": "mlp", "options": {"hidden": [256, 256]}}
 
 
@@ -227,6 +227,11 @@ def measure(n: int, secure: bool) -> dict:
         "survivors": [
             r["metrics"].get("secure_aggregation", {}).get("survivors") for r in job["rounds"] if r["kind"] == "train"
         ],
+        "stage_seconds": [  # per train round: open -> keys, -> shares, -> masked inputs, -> unmask
+            r["metrics"].get("secure_aggregation", {}).get("stage_seconds")
+            for r in job["rounds"]
+            if r["kind"] == "train"
+        ],
     }
 
 
@@ -246,7 +251,9 @@ def main(sizes: list[int]) -> None:
                 secure["bytes_received_per_site_round"] / plain["bytes_received_per_site_round"],
             ]
         )
-        print(f"{n} sites done", flush=True)
+        stages = [st for st in secure["stage_seconds"] if st]
+        per_stage = [statistics.median(x) for x in zip(*stages, strict=True)] if stages else []
+        print(f"{n} sites done; secure stage seconds (median): {per_stage}", flush=True)
     print_table(
         f"Secure aggregation (SecAgg+) vs plain rounds, no-op training, {ROUNDS} rounds, MLP 256-256",
         ["sites", "plain s/round", "secure s/round", "ratio", "site protocol CPU s", "sent x", "received x"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consortia.errors import ValidationError
+from consortia.errors import NotFoundError, PermissionDeniedError, ValidationError
 from consortia.protocol.tensors import decode
 from consortia.site import secure as site_secure
 from consortia.site.tasks import dispatch
@@ -95,6 +95,35 @@ def test_too_many_dropouts_abort_the_round_and_the_job_says_why(coord):
     job, _ = run_concurrently(coord, sites, job_id, handlers={"bank-2": silent_in_training})
     assert job["state"] == "failed"
     assert "secure aggregation aborted" in job["reason"] and "threshold is 3" in job["reason"]
+
+
+def test_a_site_cannot_act_in_or_read_another_sites_secure_session(coord):
+    sites = [coord.site(f"bank-{i}") for i in range(3)]
+    refused: list[str] = []
+
+    def nosy(ctx, task):  # bank-0 tries its round neighbours' tasks, then does its own
+        if task.kind == "train" and not refused:
+            for other in (task.id - 2, task.id - 1, task.id + 1, task.id + 2):
+                for call in (
+                    lambda o=other: ctx.client.post_json(f"/v1/tasks/{o}/secagg/keys", {"num_examples": 5}),
+                    lambda o=other: ctx.client.get_json(f"/v1/tasks/{o}/secagg"),
+                ):
+                    try:
+                        call()
+                    except PermissionDeniedError as exc:
+                        refused.append(str(exc))
+                    except NotFoundError:
+                        pass
+        dispatch(ctx, task)
+
+    job_id = coord.admin.post_json("/v1/jobs", {**SECURE, "rounds": 1})["id"]
+    job, errors = run_concurrently(coord, sites, job_id, handlers={"bank-0": nosy})
+    assert job["state"] == "completed", (job["reason"], errors)
+    # the two other train tasks are within 2 ids (x 2 calls), and profile tasks may be too
+    assert len(refused) >= 4 and all("belongs to another site" in r for r in refused)
+    train = next(r for r in job["rounds"] if r["kind"] == "train")
+    assert train["metrics"]["secure_aggregation"]["survivors"] == 3
+    assert len(train["metrics"]["secure_aggregation"]["stage_seconds"]) == 4  # what each stage took
 
 
 @pytest.mark.parametrize(

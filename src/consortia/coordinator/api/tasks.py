@@ -66,7 +66,7 @@ async def secagg_stage(
     """Secure aggregation: ``keys`` (stage 1), ``shares`` (stage 2), ``unmask`` (stage 4).
     The masked update of stage 3 goes to ``/update``. With ``wait`` the answer also holds
     the next stage's view once it opens (one round trip instead of two)."""
-    task = rounds._own_task(site, task_id)
+    task = rounds.secure.task(site, task_id)
     handlers = {"keys": rounds.secure.advertise, "shares": rounds.secure.share, "unmask": rounds.secure.unmask}
     numbers = {"keys": 1, "shares": 2, "unmask": 4}
     if stage not in handlers:
@@ -86,7 +86,7 @@ async def secagg_view(
     wait: Annotated[float, Query(ge=0, le=60)] = 0,
 ) -> dict[str, Any]:
     """Long poll: what this site needs once the secure round is past stage ``after``."""
-    task = rounds._own_task(site, task_id)
+    task = rounds.secure.task(site, task_id)
     return await rounds.secure.poll(site, task, after, wait)
 
 

@@ -93,7 +93,9 @@ class RelayRounds:
         if rnd.state != "open":
             return
         job = self.store.get_job(rnd.job_id)
-        self.secure.sessions.pop(round_id, None)
+        st = self.secure.sessions.get(round_id)
+        if st is not None:
+            self.secure._forget(st)
         self._retry_or_fail(job, JobSpec.model_validate(job.spec), rnd, f"secure aggregation aborted: {why}")
 
     async def close_secure(self, session: SecureRound) -> None:

@@ -279,7 +279,7 @@ class RoundService(JobSubmission, RelayRounds, BufferedRounds):
         self, principal: Principal, task_id: int, body: bytes, wait: float = 0.0
     ) -> dict[str, Any]:
         """Validate and record a model update; malformed ones fail the site's task."""
-        task = self._own_task(principal, task_id)
+        task = self.secure.task(principal, task_id)  # the store's, unless the task is in a secure round
         if task.kind != "train":
             raise ConflictError(f"task {task_id} is a {task.kind} task; send its result to /result.")
         if task.round_id in self.secure.sessions:  # stage 3 of a secure round: a masked input

@@ -34,7 +34,7 @@ import numpy as np
 from consortia.core.params import Params
 from consortia.core.robust import flatten, unflatten
 from consortia.core.secagg import SecAggConfig, SecAggError, ServerSession
-from consortia.errors import ConflictError, UpdateError, ValidationError
+from consortia.errors import ConflictError, PermissionDeniedError, UpdateError, ValidationError
 from consortia.protocol.schemas import JobSpec
 from consortia.protocol.tensors import decode_wire
 from consortia.store.entities import Principal, Round, Task, utcnow
@@ -82,6 +82,9 @@ class SecureRound:
     result: tuple[np.ndarray, int] | None = None
     error: str | None = None
     changed: asyncio.Event = field(default_factory=asyncio.Event)
+    tasks: dict[int, Task] = field(default_factory=dict)
+    opened: datetime = field(default_factory=utcnow)
+    stage_seconds_taken: list[float] = field(default_factory=list)
 
     def public_config(self, site_id: int) -> dict[str, Any]:
         """What a site needs to build its :class:`SiteSession` (all public)."""
@@ -105,6 +108,7 @@ class SecureAggregator:
     def __init__(self, rounds: RoundService) -> None:
         self.rounds = rounds
         self.sessions: dict[int, SecureRound] = {}
+        self._tasks: dict[int, Task] = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -131,9 +135,28 @@ class SecureAggregator:
             deadline=rnd.deadline_at,
             stage_seconds=sa.stage_seconds,
             expected=set(sites),
+            tasks={t.id: t for t in rnd.tasks},
         )
         self.sessions[rnd.id] = st
+        self._tasks.update(st.tasks)
         return st
+
+    def task(self, principal: Principal, task_id: int) -> Task:
+        """The caller's task for a stage call: from the open sessions (no database read:
+        a secure round makes four calls per site), else the store's answer and errors."""
+        task = self._tasks.get(task_id)
+        if task is None or task.round_id not in self.sessions:
+            return self.rounds._own_task(principal, task_id)
+        if principal.site_id != task.site_id:
+            raise PermissionDeniedError(
+                f"task {task_id} belongs to another site; a site may only answer its own tasks."
+            )
+        return task
+
+    def _forget(self, st: SecureRound) -> None:
+        self.sessions.pop(st.round_id, None)
+        for task_id in st.tasks:
+            self._tasks.pop(task_id, None)
 
     def _session(self, principal: Principal, task: Task) -> SecureRound:
         st = self.sessions.get(task.round_id)
@@ -286,6 +309,8 @@ class SecureAggregator:
             if not (st.answered >= st.expected or utcnow() >= st.deadline):
                 return
             stage = st.stage
+            now = utcnow()
+            st.stage_seconds_taken.append(round((now - st.opened).total_seconds() - sum(st.stage_seconds_taken), 3))
             missing = sorted(st.site_names[s] for s in st.expected - st.answered)
             if missing:
                 st.dropped[stage] = missing
@@ -305,7 +330,7 @@ class SecureAggregator:
                 st.stage = DONE
                 self._notify(st)
                 await self.rounds.close_secure(st)
-                self.sessions.pop(st.round_id, None)
+                self._forget(st)
                 return
             st.stage += 1
             st.expected, st.answered = set(st.answered), set()
@@ -320,7 +345,7 @@ class SecureAggregator:
         st.error = reason
         self._notify(st)
         log.warning("secure round %s aborted: %s", st.round_id, reason)
-        self.sessions.pop(st.round_id, None)
+        self._forget(st)
         await self.rounds.abort_secure(st.round_id, reason)
 
     def mean(self, st: SecureRound, spec: JobSpec, current: Params, expected: int) -> tuple[Params, dict[str, Any]]:
@@ -343,6 +368,7 @@ class SecureAggregator:
                 "survivors": count,
                 "dropped_by_stage": {str(k): v for k, v in st.dropped.items()},
                 "weight_sum": weight_sum,
+                "stage_seconds": st.stage_seconds_taken,
             }
         }
         return unflatten(base + delta, current, st.names), info
