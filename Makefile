@@ -40,6 +40,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/edge_latency.py
 	$(BIN)/python benchmarks/delta_update.py
 	$(BIN)/python benchmarks/drift_detection.py
+	$(BIN)/python benchmarks/compression.py
+	$(BIN)/python benchmarks/secagg.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

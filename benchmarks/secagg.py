@@ -14,7 +14,7 @@ each site does its share on its own machine, so the measured ratio is an upper b
 Also reported: the site-side protocol CPU seconds per site and round, and the bytes a
 site sends and receives per round (the communication expansion).
 
-Run: ``.venv/bin/python benchmarks/secagg.py [SITES ...]`` (default 10 50 100; writes
+Run: ``.venv/bin/python benchmarks/secagg.py [--repeats R] [SITES ...]`` (default 10 50 100; writes
 benchmarks/results/secagg.json)
 """
 
@@ -220,6 +220,7 @@ def measure(n: int, secure: bool) -> dict:
         "sites": n,
         "secure": secure,
         "median_round_seconds": statistics.median(gaps),
+        "round_seconds": gaps,
         "site_cpu_seconds_per_round": meter.cpu / per,
         "bytes_sent_per_site_round": meter.sent / per,
         "bytes_received_per_site_round": meter.received / per,
@@ -235,32 +236,38 @@ def measure(n: int, secure: bool) -> dict:
     }
 
 
-def main(sizes: list[int]) -> None:
+def main(sizes: list[int], repeats: int) -> None:
     rows, out = [], []
     for n in sizes:
-        plain, secure = measure(n, False), measure(n, True)
-        out += [plain, secure]
-        rows.append(
-            [
-                n,
-                plain["median_round_seconds"],
-                secure["median_round_seconds"],
-                secure["median_round_seconds"] / plain["median_round_seconds"],
-                secure["site_cpu_seconds_per_round"],
-                secure["bytes_sent_per_site_round"] / plain["bytes_sent_per_site_round"],
-                secure["bytes_received_per_site_round"] / plain["bytes_received_per_site_round"],
-            ]
-        )
-        stages = [st for st in secure["stage_seconds"] if st]
-        per_stage = [statistics.median(x) for x in zip(*stages, strict=True)] if stages else []
-        print(f"{n} sites done; secure stage seconds (median): {per_stage}", flush=True)
+        for rep in range(repeats):  # plain and secure back to back, so a pair shares the machine's state
+            plain, secure = measure(n, False), measure(n, True)
+            out += [plain, secure]
+            rows.append(
+                [
+                    n,
+                    rep + 1,
+                    plain["median_round_seconds"],
+                    secure["median_round_seconds"],
+                    secure["median_round_seconds"] / plain["median_round_seconds"],
+                    secure["site_cpu_seconds_per_round"],
+                    secure["bytes_sent_per_site_round"] / plain["bytes_sent_per_site_round"],
+                    secure["bytes_received_per_site_round"] / plain["bytes_received_per_site_round"],
+                ]
+            )
+            stages = [st for st in secure["stage_seconds"] if st]
+            per_stage = [round(statistics.median(x), 3) for x in zip(*stages, strict=True)] if stages else []
+            print(f"{n} sites, run {rep + 1}: secure stage seconds (median) {per_stage}", flush=True)
     print_table(
         f"Secure aggregation (SecAgg+) vs plain rounds, no-op training, {ROUNDS} rounds, MLP 256-256",
-        ["sites", "plain s/round", "secure s/round", "ratio", "site protocol CPU s", "sent x", "received x"],
+        ["sites", "run", "plain s/round", "secure s/round", "ratio", "site protocol CPU s", "sent x", "received x"],
         rows,
     )
     print(f"wrote {write_result('secagg', {'rows': out})}")
 
 
 if __name__ == "__main__":
-    main([int(x) for x in sys.argv[1:]] or [10, 50, 100])
+    args = sys.argv[1:]
+    reps = 1
+    if args[:1] == ["--repeats"]:
+        reps, args = int(args[1]), args[2:]
+    main([int(x) for x in args] or [10, 50, 100], reps)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from consortia.cli.main import _secure_lines
 from consortia.errors import NotFoundError, PermissionDeniedError, ValidationError
 from consortia.protocol.tensors import decode
 from consortia.site import secure as site_secure
@@ -80,6 +81,8 @@ def test_a_site_that_drops_after_sharing_keys_is_unmasked_around(coord, monkeypa
     info = next(r for r in job["rounds"] if r["kind"] == "train")["metrics"]["secure_aggregation"]
     assert info["survivors"] == 4 and info["dropped_by_stage"] == {"3": ["bank-4"]}
     assert job["final_metrics"]["pooled_auc"] > 0.7
+    (line,) = _secure_lines(job)  # what `consortia job status` prints under its table
+    assert "4/5 survived (threshold 3" in line and "dropped stage 3: bank-4" in line and ", stages " in line
 
 
 def test_too_many_dropouts_abort_the_round_and_the_job_says_why(coord):

@@ -408,6 +408,24 @@ def _job_table(job: dict[str, Any]) -> Table:
     return table
 
 
+def _secure_lines(job: dict[str, Any]) -> list[str]:
+    """One line per secure round: survivors, who dropped where, and what each stage took."""
+    out = []
+    for r in job["rounds"]:
+        sa = (r["metrics"] or {}).get("secure_aggregation")
+        if not sa:
+            continue
+        dropped = "; ".join(f"stage {k}: {', '.join(v)}" for k, v in sa.get("dropped_by_stage", {}).items())
+        stages = "/".join(f"{x:.2f}" for x in sa.get("stage_seconds", []))
+        out.append(
+            f"round {r['number']} secure aggregation: {sa['survivors']}/{sa['sites']} survived "
+            f"(threshold {sa['threshold']}, degree {sa['degree']})"
+            + (f", dropped {dropped}" if dropped else "")
+            + (f", stages {stages} s" if stages else "")
+        )
+    return out
+
+
 @job_app.command("status")
 def job_status(
     job_id: int,
@@ -423,6 +441,8 @@ def job_status(
         print(json.dumps(job, indent=2))
         return
     console.print(_job_table(job))
+    for line in _secure_lines(job):
+        console.print(line)
     if job["reason"]:
         console.print(f"[red]reason:[/] {job['reason']}")
     if job["final_metrics"]:

@@ -201,11 +201,15 @@ def quantize(values: np.ndarray, clip_range: float, bits: int, rng: np.random.Ge
     (0, 255, 255)
     """
     levels = 2**bits - 1
-    x = np.clip(np.asarray(values, np.float64), -clip_range, clip_range)
-    scaled = (x + clip_range) / (2.0 * clip_range) * levels
-    low = np.floor(scaled)
-    up = rng.random(scaled.shape) < (scaled - low)
-    return np.minimum(low + up, levels).astype(np.uint32)
+    x = np.array(values, np.float64)  # a copy, worked on in place (this runs on every update)
+    np.clip(x, -clip_range, clip_range, out=x)
+    x += clip_range
+    x *= levels / (2.0 * clip_range)
+    low = np.floor(x)
+    x -= low  # the fractional part: round up with that probability
+    low += rng.random(x.shape) < x
+    np.minimum(low, levels, out=low)
+    return low.astype(np.uint32)
 
 
 def dequantize(total: np.ndarray, clip_range: float, bits: int, count: int) -> np.ndarray:
@@ -222,7 +226,7 @@ def dequantize(total: np.ndarray, clip_range: float, bits: int, count: int) -> n
 
 
 def expand_mask(seed: bytes, size: int) -> np.ndarray:
-    """``size`` uint32 words of AES-256-CTR keystream keyed by the whole 32-byte seed.
+    """``size`` uint32 words (a read-only view) of AES-256-CTR keystream keyed by the whole 32-byte seed.
 
     Examples
     --------
@@ -234,7 +238,7 @@ def expand_mask(seed: bytes, size: int) -> np.ndarray:
     if len(seed) != 32:
         raise SecAggError(f"mask seed has {len(seed)} bytes, expected 32.")
     enc = Cipher(algorithms.AES(seed), modes.CTR(bytes(16))).encryptor()
-    return np.frombuffer(enc.update(bytes(4 * size)) + enc.finalize(), dtype="<u4").astype(np.uint32)
+    return np.frombuffer(enc.update(bytes(4 * size)) + enc.finalize(), dtype="<u4")  # read-only, no copy
 
 
 # ----------------------------------------------------------------------------- Shamir
@@ -341,6 +345,7 @@ class SiteSession:
     _b: bytes = field(default_factory=lambda: secrets.token_bytes(32), repr=False)
     _keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
     _held: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
+    _share_keys: dict[int, bytes] = field(default_factory=dict, repr=False)
     _unmasked: bool = False
 
     def __post_init__(self) -> None:
@@ -374,7 +379,7 @@ class SiteSession:
         self._held[self.site] = (b_shares[self.site], s_shares[self.site])
         out: dict[int, bytes] = {}
         for j in peers:
-            key = _share_key(self._c, self._keys[j][0], self.config.context)
+            key = self._share_keys[j] = _share_key(self._c, self._keys[j][0], self.config.context)
             nonce = secrets.token_bytes(12)
             ct = AESGCM(key).encrypt(
                 nonce, _encode_share(b_shares[j], s_shares[j]), _aad(self.config.context, self.site, j)
@@ -395,7 +400,7 @@ class SiteSession:
         for j, blob in ciphertexts.items():
             if j not in self._keys:
                 raise SecAggError(f"ciphertext from {j}, which is not a neighbour that advertised keys.")
-            key = _share_key(self._c, self._keys[j][0], self.config.context)
+            key = self._share_keys.get(j) or _share_key(self._c, self._keys[j][0], self.config.context)
             try:
                 plain = AESGCM(key).decrypt(blob[:12], blob[12:], _aad(self.config.context, j, self.site))
             except InvalidTag as exc:
