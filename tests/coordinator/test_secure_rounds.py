@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from consortia.cli.main import _secure_lines
+from consortia.cli.jobs import _secure_lines
 from consortia.errors import NotFoundError, PermissionDeniedError, ValidationError
 from consortia.protocol.tensors import decode
 from consortia.site import secure as site_secure

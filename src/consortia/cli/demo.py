@@ -213,7 +213,7 @@ def run_demo(
     port: int | None,
     console: Console,
 ) -> dict[str, Any]:
-    from consortia.cli.main import watch_job
+    from consortia.cli.jobs import watch_job
     from consortia.datasets.scenarios import load_scenario, write_partitions
     from consortia.ml.baselines import centralized_and_local
 
@@ -507,7 +507,7 @@ def adapt(
     base = f"{registry['model']}:{registry['version']}"
     job = admin.post_json("/v1/jobs/adapt", {"base": base, "site": site, "params": ["0.bias"], "local_epochs": 5})
     console.print(f"job {job['id']}: {site} fine-tunes an adapter (0.bias) on {base} with its own loans")
-    from consortia.cli.main import watch_job
+    from consortia.cli.jobs import watch_job
 
     job = watch_job(admin, job["id"], console)
     if job["state"] != "completed":
@@ -582,7 +582,7 @@ def close_the_loop(
 
     from consortia.cli.automation import describe_step
     from consortia.cli.governance import read_yaml
-    from consortia.cli.main import watch_job
+    from consortia.cli.jobs import watch_job
     from consortia.governance import keygen, load_private_key, sign_approval, sign_automation_approval
     from consortia.site.client import CoordinatorClient
 
