@@ -38,7 +38,16 @@ def enroll_sites(url: str, admin: str, n: int, prefix: str = "s") -> list[str]:
     return creds
 
 
-async def noop_site(client: httpx.AsyncClient, cred: str, stop: asyncio.Event, wait: float = 5.0) -> None:
+async def noop_site(url: str, cred: str, stop: asyncio.Event, wait: float = 5.0) -> None:
+    """A site that answers every task at once (the global model back, unchanged), with its
+    own HTTP client as a real site agent has: one connection pool shared by N simulated
+    sites costs O(N) per request in httpcore's pool bookkeeping and makes the simulator,
+    not the coordinator, what a benchmark measures."""
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        await _noop_loop(client, cred, stop, wait)
+
+
+async def _noop_loop(client: httpx.AsyncClient, cred: str, stop: asyncio.Event, wait: float) -> None:
     headers = {"Authorization": f"Bearer {cred}"}
     cache: dict[str, bytes] = {}
     while not stop.is_set():

@@ -44,7 +44,7 @@ PLAN = {
 async def _job(url: str, admin: str, creds: list[str], seed: int) -> dict:
     stop = asyncio.Event()
     async with httpx.AsyncClient(base_url=url, timeout=120) as client:
-        sites = [asyncio.create_task(noop_site(client, c, stop)) for c in creds]
+        sites = [asyncio.create_task(noop_site(url, c, stop)) for c in creds]
         headers = {"Authorization": f"Bearer {admin}"}
         job = (
             await client.post("/v1/jobs", json={**SPEC, "rounds": 1, "min_sites": 2, "seed": seed}, headers=headers)
@@ -53,6 +53,8 @@ async def _job(url: str, admin: str, creds: list[str], seed: int) -> dict:
             await asyncio.sleep(0.3)
             job = (await client.get(f"/v1/jobs/{job['id']}", headers=headers)).json()
         stop.set()
+        for t in sites:  # a site may be inside a long poll
+            t.cancel()
         await asyncio.gather(*sites, return_exceptions=True)
     return job
 

@@ -31,9 +31,8 @@ ROUNDS = 6
 
 async def run_job(url: str, admin: str, creds: list[str]) -> dict:
     stop = asyncio.Event()
-    limits = httpx.Limits(max_connections=len(creds) + 20, max_keepalive_connections=len(creds) + 20)
-    async with httpx.AsyncClient(base_url=url, timeout=120, limits=limits) as client:
-        sites = [asyncio.create_task(noop_site(client, c, stop)) for c in creds]
+    async with httpx.AsyncClient(base_url=url, timeout=120) as client:
+        sites = [asyncio.create_task(noop_site(url, c, stop)) for c in creds]
         headers = {"Authorization": f"Bearer {admin}"}
         spec = {**SPEC, "rounds": ROUNDS, "min_sites": len(creds)}
         job = (await client.post("/v1/jobs", json=spec, headers=headers)).json()
@@ -41,6 +40,8 @@ async def run_job(url: str, admin: str, creds: list[str]) -> dict:
             await asyncio.sleep(0.5)
             job = (await client.get(f"/v1/jobs/{job['id']}", headers=headers)).json()
         stop.set()
+        for t in sites:  # a site may be inside a long poll
+            t.cancel()
         await asyncio.gather(*sites, return_exceptions=True)
     return job
 

@@ -21,7 +21,7 @@ from consortia.store.entities import Principal
 router = APIRouter(prefix="/v1/automation", tags=["automation"])
 
 
-def _automation(request: Request) -> AutomationService:
+async def _automation(request: Request) -> AutomationService:
     return request.app.state.automation  # type: ignore[no-any-return]
 
 

@@ -29,17 +29,20 @@ def principal_with(*roles: str, admin: bool = True):  # type: ignore[no-untyped-
     """A dependency that authenticates the caller and requires one of ``roles`` (or
     admin, unless ``admin`` is False)."""
 
-    def dep(request: Request) -> Principal:
+    async def dep(request: Request) -> Principal:
+        # async: a plain def would send every request through the thread pool (a thread
+        # hop per dependency); the lookup is one indexed SQLite read, on the loop like
+        # every other store call
         return authorize(_principal(request), roles, admin)
 
     return Depends(dep)
 
 
-def _rounds(request: Request) -> RoundService:
+async def _rounds(request: Request) -> RoundService:
     return request.app.state.rounds  # type: ignore[no-any-return]
 
 
-def _tenants(request: Request) -> TenantService:
+async def _tenants(request: Request) -> TenantService:
     return request.app.state.tenants  # type: ignore[no-any-return]
 
 

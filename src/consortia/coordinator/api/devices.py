@@ -26,7 +26,7 @@ from consortia.store.entities import Principal
 router = APIRouter(prefix="/v1", tags=["delivery"])
 
 
-def _devices(request: Request) -> DeviceService:
+async def _devices(request: Request) -> DeviceService:
     return request.app.state.devices  # type: ignore[no-any-return]
 
 
@@ -108,7 +108,7 @@ def tuf_target(path: str, request: Request, _: Anyone) -> Response:
     return Response(request.app.state.tuf.target(path), media_type="application/octet-stream")
 
 
-def _rollouts(request: Request) -> RolloutService:
+async def _rollouts(request: Request) -> RolloutService:
     return request.app.state.rollouts  # type: ignore[no-any-return]
 
 

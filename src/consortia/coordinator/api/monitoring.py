@@ -15,7 +15,7 @@ from consortia.store.entities import Principal
 router = APIRouter(prefix="/v1", tags=["monitoring"])
 
 
-def _monitoring(request: Request) -> MonitoringService:
+async def _monitoring(request: Request) -> MonitoringService:
     return request.app.state.monitoring  # type: ignore[no-any-return]
 
 

@@ -26,7 +26,7 @@ from consortia.store.entities import Principal
 router = APIRouter(prefix="/v1", tags=["governance"])
 
 
-def _gov(request: Request) -> GovernanceService:
+async def _gov(request: Request) -> GovernanceService:
     return request.app.state.governance  # type: ignore[no-any-return]
 
 
