@@ -5,6 +5,7 @@ and small synthetic data. Imported as ``support`` (a unique name: every director
 from __future__ import annotations
 
 import time
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -73,7 +74,9 @@ class Coord:
             name=resp.site_name,
             home=(tmp or self.home) / f"site-{resp.site_name}",
             client=c,
-            frame=frame if frame is not None else synthetic_frame(300, hash(tenant) % 1000),
+            frame=frame
+            if frame is not None
+            else synthetic_frame(300, zlib.crc32(tenant.encode()) % 1000),  # str hash() is salted per run,
         )
         return ctx
 

@@ -134,7 +134,7 @@ def test_a_site_cannot_act_in_or_read_another_sites_secure_session(coord):
     [
         ({"robust": {"rule": "median", "options": {"f": 1}}}, "client-side clipping"),
         ({"min_sites": 2}, "min_sites >= 3"),
-        ({"compression": {"method": "int8"}}, "compression cannot be combined"),
+        ({"compression": {"method": "int8"}}, "compression.method cannot be combined"),
     ],
 )
 def test_secure_specs_that_cannot_work_are_refused_with_the_reason(coord, extra, message):

@@ -50,8 +50,8 @@ def job_submit(
         print(job["id"])
 
 
-def _bytes(m: dict[str, Any]) -> str:
-    c = m.get("compression")
+def _bytes(m: dict[str, Any], key: str = "compression") -> str:
+    c = m.get(key)
     if not c:
         return ""
     return f"{c['tensor_bytes'] / 1024:.1f} KiB ({c['ratio']:.3f}, {c['method']})"
@@ -66,7 +66,7 @@ def _job_table(job: dict[str, Any]) -> Table:
         "reported",
         "pooled AUC (val)",
         "train loss",
-        "bytes in (vs fp32)",
+        "bytes in; out per site (vs fp32)",
         "failed / refused",
         title=f"job {job['id']} {job['name']}: {job['state']}",
     )
@@ -84,7 +84,7 @@ def _job_table(job: dict[str, Any]) -> Table:
             f"{len(r['reported'])}/{len(r['sampled'])}",
             f"{val:.4f}" if isinstance(val, float) else "",
             f"{loss:.4f}" if isinstance(loss, float) else "",
-            _bytes(m),
+            _bytes(m) + (f"; out {_bytes(m, 'downlink')}" if m.get("downlink") else ""),
             "; ".join(f"{k}: {v}" for k, v in r["failed"].items())[:120],
         )
     return table

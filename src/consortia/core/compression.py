@@ -29,7 +29,7 @@ import numpy as np
 from consortia.core.params import Params
 from consortia.errors import StrategyError, UpdateError
 
-__all__ = ["METHODS", "compress", "decompress", "wire_bytes"]
+__all__ = ["METHODS", "add_delta", "compress", "decompress", "wire_bytes"]
 
 METHODS = ("none", "fp16", "int8", "topk")
 
@@ -37,6 +37,21 @@ METHODS = ("none", "fp16", "int8", "topk")
 def wire_bytes(wire: Mapping[str, np.ndarray]) -> int:
     """Payload bytes of a set of wire tensors (headers excluded)."""
     return int(sum(np.asarray(v).nbytes for v in wire.values()))
+
+
+def add_delta(base: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Params:
+    """``base + delta`` in float32, tensor by tensor: the one way a decoded delta is applied,
+    so a coordinator and a site that apply the same wire tensors get the same bytes.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> add_delta({"w": np.ones(2, np.float32)}, {"w": np.array([0.5, -1.0], np.float32)})["w"].tolist()
+    [1.5, 0.0]
+    """
+    if set(base) != set(delta):
+        raise UpdateError(f"delta names {sorted(delta)}, the model {sorted(base)}.")
+    return {k: (np.asarray(base[k], np.float32) + np.asarray(delta[k], np.float32)).astype(np.float32) for k in base}
 
 
 def compress(

@@ -172,6 +172,11 @@ class CompressionSpec(_Strict):
 
     method: Literal["none", "fp16", "int8", "topk"] = "none"
     topk_ratio: float = Field(default=0.01, gt=0.0, le=1.0, description="share of values top-k keeps per tensor")
+    downlink: Literal["none", "fp16", "int8", "topk"] = Field(
+        default="none",
+        description="how the coordinator sends each new global model to sites that hold the previous one: as a "
+        "compressed delta; the global model then is the previous one plus the decoded delta, exactly",
+    )
 
 
 class PreprocessingSpec(_Strict):
@@ -302,6 +307,17 @@ class JobSpec(_Strict):
             )
         if self.secure_aggregation is not None:
             self._check_secure_aggregation()
+        if self.compression.downlink != "none" and (self.asynchronous is not None or self.adapter is not None):
+            raise ValueError(
+                "compression.downlink sends each global model as a delta from the one before it, which the sites of "
+                "a synchronous round hold; "
+                + (
+                    "an asynchronous (FedBuff) site may be several versions behind"
+                    if self.asynchronous is not None
+                    else "an adapter job changes only the adapter's tensors, already the smallest update"
+                )
+                + ". Drop compression.downlink."
+            )
         if self.asynchronous is not None:
             clash = [k for k in ("secure_aggregation", "robust", "privacy", "adapter") if getattr(self, k) is not None]
             if clash:
@@ -325,7 +341,10 @@ class JobSpec(_Strict):
         if self.adapter is not None:
             raise ValueError("an adapter job trains at one site; secure aggregation needs several")
         if self.compression.method != "none":
-            raise ValueError("compression cannot be combined with secure_aggregation (masked values are fixed point)")
+            raise ValueError(
+                "compression.method cannot be combined with secure_aggregation (masked values are fixed point); "
+                "compression.downlink (the global model sent to sites) can"
+            )
         if self.privacy is not None and self.privacy.adaptive_clipping is not None:
             raise ValueError("adaptive clipping with secure aggregation is not supported yet; use a fixed clip_norm")
 

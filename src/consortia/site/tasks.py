@@ -18,13 +18,13 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from consortia.core.compression import compress
-from consortia.errors import SchemaMismatchError, SpecError
+from consortia.core.compression import add_delta, compress, decompress
+from consortia.errors import ConsortiaError, SchemaMismatchError, SpecError, UpdateError
 from consortia.ml import recipes
 from consortia.ml.data import check_schema, fingerprint, labels, profile, split_indices, transform
 from consortia.ml.evaluate import evaluate_scores
 from consortia.protocol.schemas import EvaluationResult, JobSpec, PreprocessingPlan, TaskPublic, TaskResultPublic
-from consortia.protocol.tensors import decode, encode, encode_wire
+from consortia.protocol.tensors import decode, decode_wire, encode, encode_wire
 from consortia.site.client import CoordinatorClient
 from consortia.site.monitor import build_reference, suppressed, write_reference
 from consortia.site.policy import PolicyRefusal, SitePolicy, check_task
@@ -77,18 +77,44 @@ class SiteContext:
             self._prepared = {key: prepare(self.frame, spec, self.name)}
         return self._prepared[key]
 
-    def global_params(self, digest: str) -> dict[str, np.ndarray]:
-        """Global parameters by hash, from the local cache or downloaded once."""
+    def global_params(self, digest: str, delta: dict[str, str] | None = None) -> dict[str, np.ndarray]:
+        """Global parameters by hash, from the local cache or downloaded once.
+
+        ``delta`` (``{"base", "blob"}``, a job with ``compression.downlink``) names a
+        compressed delta from a model this site may hold: if the base is in the cache, the
+        site downloads the delta only and rebuilds the model, which must hash to
+        ``digest``; otherwise, or if anything about the delta is wrong, it downloads the
+        whole model."""
         cache = self.home / "cache" / digest
         if cache.exists():
             data = cache.read_bytes()
         else:
-            data = self.client.blob(digest)
+            data = self._from_delta(digest, delta) if delta else None
+            if data is None:
+                data = self.client.blob(digest)
             cache.parent.mkdir(parents=True, exist_ok=True)
             tmp = cache.with_suffix(".tmp")
             tmp.write_bytes(data)
             tmp.replace(cache)
         return decode(data)[0]
+
+    def _from_delta(self, digest: str, delta: dict[str, str]) -> bytes | None:
+        base_file = self.home / "cache" / str(delta.get("base", ""))
+        if not base_file.is_file() or not isinstance(delta.get("blob"), str):
+            return None
+        try:
+            wire, meta = decode_wire(self.client.blob(delta["blob"]))
+            if meta.get("base") != delta["base"]:
+                raise UpdateError(f"delta {delta['blob'][:12]} does not say it applies to {delta['base'][:12]}.")
+            base = decode(base_file.read_bytes())[0]
+            data = encode(add_delta(base, decompress(wire, base)))
+        except ConsortiaError as exc:
+            log.warning("global model %s: delta unusable (%s); downloading the whole model", digest[:12], exc)
+            return None
+        if hashlib.sha256(data).hexdigest() != digest:
+            log.warning("global model %s: delta rebuilt other bytes; downloading the whole model", digest[:12])
+            return None
+        return data
 
 
 Handler = Callable[[SiteContext, TaskPublic], dict[str, Any]]
@@ -132,7 +158,7 @@ def handle_train(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     spec, plan = _spec(task), _plan(task)
     p = ctx.prepared(spec)
     assert task.global_hash is not None
-    params = ctx.global_params(task.global_hash)
+    params = ctx.global_params(task.global_hash, task.payload.get("global_delta"))
     X = transform(p.frame, plan)
     evaluation = _evaluate(ctx, spec, p, params, X[p.val], p.val, with_groups=False)
     mu = float(spec.strategy.options.get("proximal_mu", 0.01)) if spec.strategy.name == "fedprox" else 0.0
@@ -190,7 +216,7 @@ def handle_evaluate(ctx: SiteContext, task: TaskPublic) -> dict[str, Any]:
     spec, plan = _spec(task), _plan(task)
     p = ctx.prepared(spec)
     assert task.global_hash is not None
-    params = ctx.global_params(task.global_hash)
+    params = ctx.global_params(task.global_hash, task.payload.get("global_delta"))
     rows = p.frame.iloc[p.test]
     X_test = transform(rows, plan)
     evaluation = _evaluate(ctx, spec, p, params, X_test, p.test, with_groups=True)

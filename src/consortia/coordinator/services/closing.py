@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from consortia.coordinator.faults import crash_point
+from consortia.coordinator.services.downlink import DOWNLINK_STATE, compress_downlink, strategy_state
 from consortia.coordinator.services.lineage import build_lineage, contributors
 from consortia.coordinator.services.results import merge_references, pool, round_metrics
 from consortia.coordinator.services.safeguards import privacy_summary, quarantine_flagged, safeguarded_mean
@@ -74,7 +75,17 @@ class RoundClosing:
             )
         else:  # a secure round: the unmasked sum was turned into the model already
             new_params, new_state, info = done
+        downlink = None
+        if spec.compression.downlink != "none":  # publish w + decode(compressed delta), exactly
+            state = decode(self.blobs.get(job.state_hash))[0] if job.state_hash else {}
+            new_params, own, body, downlink = compress_downlink(
+                spec, rnd.number, current, new_params, state, rnd.global_in
+            )
+            new_state = {**{k: v for k, v in new_state.items() if not k.startswith(DOWNLINK_STATE)}, **own}
+            downlink["delta"] = self.blobs.put(body)
         global_hash = self.blobs.put(encode(new_params))
+        if downlink is not None:
+            self.remember_downlink(global_hash, rnd.global_in, downlink["delta"])
         state_hash = self.blobs.put(encode(new_state)) if new_state else None
         crash_point("model_written", rnd.number)
         metrics = {**round_metrics(updates), **info}
@@ -89,6 +100,8 @@ class RoundClosing:
                 "bytes_fp32": fp32,
                 "ratio": payload / fp32,
             }
+        if downlink is not None:
+            metrics["downlink"] = downlink
         if spec.robust is not None:  # before the next round is sampled, so it leaves them out
             rounds = [
                 r if r.id != rnd.id else dataclasses.replace(_closed(r), metrics=metrics)
@@ -122,13 +135,13 @@ class RoundClosing:
             )
             return {**current, **new}, new_state, info
         strategy = make_strategy(spec.strategy.name, spec.strategy.options)
-        strategy_state = {k: v for k, v in state.items() if not k.startswith("privacy/")}
+        own_state = strategy_state(state)
         if spec.robust is not None or spec.privacy is not None:
             # robust rules and DP clipping need every update at once: O(model x sites) memory
             loaded = [(decode(self.blobs.get(u.blob_hash, verify=True))[0], u.num_examples, u.site) for u in updates]
             own = {k: v for k, v in state.items() if k.startswith("privacy/")}
             mean, own, info = safeguarded_mean(spec, current, own, loaded, expected)
-            new, new_state = strategy.apply(current, mean, strategy_state)
+            new, new_state = strategy.apply(current, mean, own_state)
             return new, {**new_state, **own}, info
         acc = WeightedSum(current)
         for i, u in enumerate(updates):
@@ -136,7 +149,7 @@ class RoundClosing:
             acc.add(params, float(u.num_examples), check=False)  # validated on arrival, hash re-verified
             if i == len(updates) // 2:
                 crash_point("mid_aggregation", number)
-        new, new_state = strategy.apply(current, acc.mean(), strategy_state)
+        new, new_state = strategy.apply(current, acc.mean(), own_state)
         return new, new_state, {}
 
     def _close_evaluate(self, job: Job, spec: JobSpec, rnd: Round) -> None:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from consortia.coordinator.services.downlink import strategy_state
 from consortia.coordinator.services.results import round_metrics
 from consortia.core.strategies import make_strategy
 from consortia.protocol.schemas import JobSpec
@@ -158,7 +159,7 @@ class BufferedRounds:
         if total > 0:
             mean = {k: (current[k] + a.server_learning_rate * acc[k] / total).astype(np.float32) for k in current}
             strategy = make_strategy(spec.strategy.name, spec.strategy.options)
-            new_params, new_state = strategy.apply(current, mean, state)
+            new_params, new_state = strategy.apply(current, mean, strategy_state(state))
         else:  # the whole buffer was too stale: the model stays
             new_params, new_state = current, state
         global_hash = self.blobs.put(encode(new_params))  # type: ignore[attr-defined]

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from consortia.coordinator.services.downlink import strategy_state
 from consortia.coordinator.services.hub import combine_evaluations, combine_profiles, relay_spec, spec_digest
 from consortia.coordinator.services.results import round_metrics
 from consortia.coordinator.services.secure import SecureRound
@@ -110,5 +111,5 @@ class RelayRounds:
         mean, info = self.secure.mean(session, spec, current, len(rnd.tasks))
         state = decode(self.blobs.get(job.state_hash))[0] if job.state_hash else {}
         strategy = make_strategy(spec.strategy.name, spec.strategy.options)
-        new_params, new_state = strategy.apply(current, mean, state)
+        new_params, new_state = strategy.apply(current, mean, strategy_state(state))
         await self._close_train(job, spec, rnd, (new_params, new_state, info))

@@ -97,6 +97,9 @@ class RoundService(RoundClosing, JobSubmission, RelayRounds, BufferedRounds):
         self.on_registered: Callable[[ModelVersion], Any] | None = None  # e.g. sign the release
         self.secure = SecureAggregator(self)
         self.upstream_url: str | None = None  # set when this coordinator is a hub
+        # compressed downlink: model hash -> (base hash, delta blob), and delta blob -> (base, model)
+        self._downlink: dict[str, tuple[str, str] | None] = {}
+        self._downlink_blobs: dict[str, tuple[str, str]] = {}
 
     # ------------------------------------------------------------------ helpers
 
@@ -113,6 +116,24 @@ class RoundService(RoundClosing, JobSubmission, RelayRounds, BufferedRounds):
         while len(self._cache) > 4:
             self._cache.popitem(last=False)
         return params
+
+    def remember_downlink(self, model_hash: str, base_hash: str, delta_hash: str) -> None:
+        """Model ``model_hash`` is ``base_hash`` plus the compressed delta ``delta_hash``."""
+        self._downlink[model_hash] = (base_hash, delta_hash)
+        self._downlink_blobs[delta_hash] = (base_hash, model_hash)
+
+    def downlink_for(self, job_id: int, spec: JobSpec, model_hash: str | None) -> tuple[str, str] | None:
+        """``(base, delta)`` a site holding ``base`` can rebuild ``model_hash`` from, if the
+        job compresses its downlink; found in the closed rounds' metrics after a restart."""
+        if model_hash is None or spec.compression.downlink == "none":
+            return None
+        if model_hash not in self._downlink:
+            self._downlink[model_hash] = None
+            for r in self.store.job_rounds(job_id):
+                d = (r.metrics or {}).get("downlink")
+                if d and r.global_out == model_hash:
+                    self.remember_downlink(model_hash, d["base"], d["delta"])
+        return self._downlink[model_hash]
 
     def _eligible(self, spec: JobSpec) -> list[Site]:
         sites = [s for s in self.store.list_sites(names=spec.tenants) if s.status == "active"]
@@ -204,6 +225,9 @@ class RoundService(RoundClosing, JobSubmission, RelayRounds, BufferedRounds):
         session = self.secure.sessions.get(task.round_id) if task.kind == "train" else None
         if session is not None:
             payload["secagg"] = session.public_config(task.site_id)
+        downlink = self.downlink_for(task.job_id, spec, task.global_in)
+        if downlink is not None:
+            payload["global_delta"] = {"base": downlink[0], "blob": downlink[1]}
         return TaskPublic(
             id=task.id,
             job_id=task.job_id,
@@ -257,7 +281,14 @@ class RoundService(RoundClosing, JobSubmission, RelayRounds, BufferedRounds):
 
     def may_read_blob(self, principal: Principal, digest: str) -> bool:
         if principal.role == "site":
-            return principal.site_id is not None and self.store.site_may_read_blob(principal.site_id, digest)
+            if principal.site_id is None:
+                return False
+            if digest in self._downlink_blobs:  # a delta: only for a site that may read both ends
+                base, model = self._downlink_blobs[digest]
+                return self.store.site_may_read_blob(principal.site_id, base) and self.store.site_may_read_blob(
+                    principal.site_id, model
+                )
+            return self.store.site_may_read_blob(principal.site_id, digest)
         return principal.role in ("admin", "operator", "auditor") and principal.tenant_id is None
 
     async def receive_update(
