@@ -4,8 +4,10 @@ accuracy cost, through the real coordinator app and real site task handlers (in 
 The four banks of the finance scenario (lending_club by region) train the scenario's job
 once per compression method; every method uses the same seed, data and spec. Reported
 per method: tensor bytes per update / fp32 bytes (the ratio the coordinator records in
-each round's metrics), whole request bodies / fp32 (metadata included), and the pooled
-test AUC and its difference from uncompressed training.
+each round's metrics), whole request bodies / fp32 (metadata included), with
+``compression.downlink`` the tensor bytes of each new global model's delta / fp32 (what a
+site that holds the previous model downloads), and the pooled test AUC and its
+difference from uncompressed training.
 
     .venv/bin/python benchmarks/compression.py [ROUNDS] [SEEDS]
 
@@ -30,14 +32,24 @@ from consortia.datasets.scenarios import load_scenario  # noqa: E402
 from consortia.site.client import CoordinatorClient  # noqa: E402
 from consortia.site.tasks import SiteContext, dispatch  # noqa: E402
 
-METHODS = [("none", None), ("fp16", None), ("int8", None), ("topk", 0.01), ("topk", 0.05)]
+# (uplink method, top-k ratio, downlink method)
+METHODS = [
+    ("none", None, "none"),
+    ("fp16", None, "none"),
+    ("int8", None, "none"),
+    ("topk", 0.01, "none"),
+    ("topk", 0.05, "none"),
+    ("int8", None, "int8"),
+    ("topk", 0.01, "int8"),
+    ("topk", 0.05, "topk"),
+]
 RECIPES = {
     "logistic_regression": {"name": "logistic_regression"},  # the scenario's own: 68 parameters
     "mlp 64-32": {"name": "mlp", "options": {"hidden": [64, 32]}},
 }
 
 
-def run(recipe: str, method: str, ratio: float | None, rounds: int, seed: int) -> dict:
+def run(recipe: str, method: str, ratio: float | None, downlink: str, rounds: int, seed: int) -> dict:
     scenario = load_scenario("finance", rounds=rounds, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         home = Path(tmp)
@@ -54,7 +66,7 @@ def run(recipe: str, method: str, ratio: float | None, rounds: int, seed: int) -
             spec = {
                 **scenario.spec,
                 "recipe": RECIPES[recipe],
-                "compression": {"method": method, "topk_ratio": ratio or 0.01},
+                "compression": {"method": method, "topk_ratio": ratio or 0.01, "downlink": downlink},
             }
             job = admin.post_json("/v1/jobs", spec)
             t0 = time.perf_counter()
@@ -67,9 +79,14 @@ def run(recipe: str, method: str, ratio: float | None, rounds: int, seed: int) -
                 raise SystemExit(f"{method}: job failed: {job['reason']}")
             train = [r["metrics"] for r in job["rounds"] if r["kind"] == "train"]
             fp32 = sum(m["compression"]["bytes_fp32"] for m in train)
+            down = [m["downlink"] for m in train if "downlink" in m]
+            label = method if ratio is None else f"{method} {ratio:.0%}"
             return {
                 "recipe": recipe,
-                "method": method if ratio is None else f"{method} {ratio:.0%}",
+                "method": label if downlink == "none" else f"{label}, down {downlink}",
+                "downlink_ratio": (
+                    sum(d["tensor_bytes"] for d in down) / sum(d["bytes_fp32"] for d in down) if down else 1.0
+                ),
                 "tensor_ratio": sum(m["compression"]["tensor_bytes"] for m in train) / fp32,
                 "body_ratio": sum(m["bytes_received"] for m in train) / fp32,
                 "auc": job["final_metrics"]["pooled_auc"],
@@ -83,8 +100,8 @@ def main(rounds: int, seeds: int) -> None:
     for recipe in RECIPES:
         for seed in range(seeds):
             base = None
-            for method, ratio in METHODS:
-                r = run(recipe, method, ratio, rounds, seed)
+            for method, ratio, downlink in METHODS:
+                r = run(recipe, method, ratio, downlink, rounds, seed)
                 base = r["auc"] if method == "none" else base
                 r["auc_cost_points"] = 100 * (base - r["auc"])
                 r["seed"] = seed
@@ -96,6 +113,7 @@ def main(rounds: int, seeds: int) -> None:
                         r["method"],
                         r["tensor_ratio"],
                         r["body_ratio"],
+                        r["downlink_ratio"],
                         r["auc"],
                         r["auc_cost_points"],
                     ]
@@ -109,6 +127,7 @@ def main(rounds: int, seeds: int) -> None:
             "method",
             "tensor bytes / fp32",
             "request bytes / fp32",
+            "model delta bytes / fp32",
             "pooled AUC",
             "AUC cost (points)",
         ],

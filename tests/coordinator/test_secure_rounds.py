@@ -161,3 +161,38 @@ def test_dp_with_secure_aggregation_adds_the_noise_at_the_sites_and_charges_the_
     dp = store.get_version("dp-secure", 1).lineage["privacy"]
     assert dp["secure_aggregation"] is True and dp["epsilon_spent"] > 0
     assert dp["differential_privacy"]["mechanism"].startswith("DP-FedAvg, client-level, distributed")
+
+
+ADAPTIVE = {"noise_multiplier": 0.3, "clip_norm": 100.0, "epsilon_budget": 500.0}
+
+
+@pytest.mark.parametrize("secure", [True, False], ids=["distributed", "central"])
+def test_adaptive_clipping_moves_the_norm_from_the_noised_bits(coord, secure):
+    # every update is far inside a norm of 100, so the noised share within is ~1 and the
+    # norm shrinks by about exp(-lr (1 - 0.5)) a round, secure or not
+    sites = [coord.site(f"bank-{i}") for i in range(5)]
+    privacy = {**ADAPTIVE, "adaptive_clipping": {"quantile": 0.5, "learning_rate": 1.0}}
+    spec = {**SECURE, "name": f"adaptive-{secure}", "rounds": 3, "min_sites": 4, "privacy": privacy}
+    if not secure:
+        del spec["secure_aggregation"]
+    job, errors = run_concurrently(coord, sites, coord.admin.post_json("/v1/jobs", spec)["id"])
+    assert job["state"] == "completed", (job["reason"], errors)
+    train = [r["metrics"] for r in job["rounds"] if r["kind"] == "train"]
+    norms = [m["privacy"]["clip_norm"] for m in train]
+    assert norms[0] == 100.0
+    for m, following in zip(train, norms[1:], strict=False):
+        assert m["next_clip_norm"] == pytest.approx(following, rel=1e-6)  # the next round clips with it
+    for before, after in zip(norms, norms[1:], strict=False):
+        assert after < before * np.exp(-0.3)  # share within > 0.8: 4 noise stds below 1
+    if secure:
+        assert all(0.8 < m["privacy"]["within_share"] < 1.2 for m in train)
+        assert all(m["secure_aggregation"]["survivors"] == 5 for m in train)
+    store = coord.http.app.state.store
+    ledger = store.ledger(f"adaptive-{secure}")  # the bits take part of z; accounted at the spec's
+    assert {(e["rounds"], e["noise_multiplier"]) for e in ledger} == {(3, 0.3)}
+
+
+def test_adaptive_clipping_with_too_few_sites_for_its_bit_noise_is_refused(coord):
+    privacy = {**ADAPTIVE, "noise_multiplier": 1.0, "adaptive_clipping": {}}
+    with pytest.raises(ValidationError, match="min_sites == 3 needs to be > 10"):
+        coord.admin.post_json("/v1/jobs", {**SECURE, "privacy": privacy})

@@ -45,6 +45,7 @@ __all__ = [
     "gaussian",
     "noised_mean",
     "rounds_within_budget",
+    "secure_bit_scale",
     "site_noise_std",
 ]
 
@@ -191,7 +192,28 @@ class AdaptiveClip:
     ) -> float:
         m = max(len(within), 1)
         share = (float(np.sum(within)) + float(gaussian(1, bit_std, rng)[0])) / m
+        return self.from_share(norm, share)
+
+    def from_share(self, norm: float, share: float) -> float:
+        """The next norm from an already noised share of sites within the norm (the
+        distributed case: the sites noised their bits, secure aggregation summed them)."""
         return float(norm * math.exp(-self.lr * (share - self.quantile)))
+
+
+def secure_bit_scale(bit_site_std: float, clip_range: float) -> float:
+    """Scale for carrying a site's noised clipping bit as one more value of a secure
+    round: ``(b - 1/2 + noise) * scale`` stays within ``clip_range`` unless the noise
+    passes 6 of its standard deviations (probability ~2e-9; clipped there, as the
+    deltas' own noised values are).
+
+    Examples
+    --------
+    >>> secure_bit_scale(0.25, 1.0)
+    0.5
+    """
+    if not (math.isfinite(bit_site_std) and bit_site_std >= 0):
+        raise StrategyError(f"bit noise std == {bit_site_std!r}, must be >= 0.")
+    return clip_range / (0.5 + 6.0 * bit_site_std)
 
 
 @dataclass(frozen=True)

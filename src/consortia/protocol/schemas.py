@@ -305,6 +305,15 @@ class JobSpec(_Strict):
                 "site's influence on the result bounded by clip_norm / m, which only the mean of clipped updates "
                 "has. DP clipping already bounds every update's norm; drop `robust`, or use rule norm_bound."
             )
+        if self.privacy is not None and self.privacy.adaptive_clipping is not None:
+            z = self.privacy.noise_multiplier
+            if self.min_sites / 20.0 <= z / 2.0:
+                raise ValueError(
+                    f"privacy.adaptive_clipping noises the count of sites within the norm with std m / 20 (m sites "
+                    f"sampled), and that must exceed noise_multiplier / 2 = {z / 2:g} (Andrew et al. 2021, "
+                    f"Theorem 1): min_sites == {self.min_sites} needs to be > {10 * z:g}; raise min_sites, lower "
+                    "the noise_multiplier or use a fixed clip_norm."
+                )
         if self.secure_aggregation is not None:
             self._check_secure_aggregation()
         if self.compression.downlink != "none" and (self.asynchronous is not None or self.adapter is not None):
@@ -345,8 +354,6 @@ class JobSpec(_Strict):
                 "compression.method cannot be combined with secure_aggregation (masked values are fixed point); "
                 "compression.downlink (the global model sent to sites) can"
             )
-        if self.privacy is not None and self.privacy.adaptive_clipping is not None:
-            raise ValueError("adaptive clipping with secure aggregation is not supported yet; use a fixed clip_norm")
 
     @property
     def registered_model(self) -> str:

@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import base64
 import logging
+import math
 import time
 from typing import Any
 
 import numpy as np
 
-from consortia.core.privacy import clip, gaussian, site_noise_std
+from consortia.core.privacy import clip, delta_noise_multiplier, gaussian, secure_bit_scale, site_noise_std
 from consortia.core.robust import flatten
 from consortia.core.secagg import SecAggConfig, SecAggError, SiteSession
 from consortia.errors import CoordinatorUnavailable
@@ -86,6 +87,30 @@ def _checked(task: TaskPublic, view: dict[str, Any], after: int) -> dict[str, An
     return view
 
 
+def _distributed_dp(spec: JobSpec, config: SecAggConfig, cfg: dict, delta: np.ndarray, extra: int) -> np.ndarray:
+    """Clip the delta here and add this site's share of the noise; with adaptive clipping
+    append the noised clipping bit (Andrew et al. 2021), which then shares the budget."""
+    assert spec.privacy is not None
+    p = spec.privacy
+    norm = float(cfg.get("clip_norm") or p.clip_norm)
+    if not (math.isfinite(norm) and 0 < norm <= 1e6):
+        raise SecAggError(f"the round's clip_norm == {norm!r} is not a usable norm; refusing to clip with it.")
+    if (extra == 1) != (p.adaptive_clipping is not None):
+        raise SecAggError("the secure round's layout does not match the job's adaptive clipping; out of date?")
+    delta, raw_norm = clip(delta, norm)
+    z = p.noise_multiplier
+    if p.adaptive_clipping is None:
+        return delta + gaussian(delta.size, site_noise_std(norm, z, config.threshold))
+    m = len(config.sites)
+    bit_std = m / 20.0  # on the bits' sum; each site adds its 1/t share of the variance
+    z = delta_noise_multiplier(z, bit_std)
+    noisy = delta + gaussian(delta.size, site_noise_std(norm, z, config.threshold))
+    bit_site = bit_std / math.sqrt(config.threshold)
+    scale = secure_bit_scale(bit_site, config.clip_range)
+    bit = (float(raw_norm <= norm) - 0.5 + float(gaussian(1, bit_site)[0])) * scale
+    return np.concatenate([noisy, [bit]])
+
+
 def secure_update(
     ctx: Any,
     task: TaskPublic,
@@ -113,12 +138,11 @@ def secure_update(
     if sorted(names) != sorted(base) or len(names) != len(set(names)):
         raise SecAggError("the secure round names other tensors than the global model's.")
     delta = flatten(trained, names) - flatten(base, names)
-    if delta.size != int(cfg["size"]):
-        raise SecAggError(f"update has {delta.size} values, the secure round expects {cfg['size']}.")
-    if spec.privacy is not None:  # distributed DP: clip here, add this site's share of the noise
-        delta, _ = clip(delta, spec.privacy.clip_norm)
-        std = site_noise_std(spec.privacy.clip_norm, spec.privacy.noise_multiplier, config.threshold)
-        delta = delta + gaussian(delta.size, std)
+    extra = int(cfg.get("extra") or 0)
+    if delta.size + extra != int(cfg["size"]):
+        raise SecAggError(f"update has {delta.size} values, the secure round expects {int(cfg['size']) - extra}.")
+    if spec.privacy is not None:
+        delta = _distributed_dp(spec, config, cfg, delta, extra)
     session = SiteSession(config, me)
     until = time.monotonic() + max(
         (task.deadline_at.timestamp() - time.time()) + 4 * spec.secure_aggregation.stage_seconds, 1.0

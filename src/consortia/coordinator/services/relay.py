@@ -7,9 +7,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from consortia.coordinator.services.downlink import strategy_state
 from consortia.coordinator.services.hub import combine_evaluations, combine_profiles, relay_spec, spec_digest
 from consortia.coordinator.services.results import round_metrics
+from consortia.coordinator.services.safeguards import CLIP_STATE
 from consortia.coordinator.services.secure import SecureRound
 from consortia.coordinator.services.submission import parse_spec
 from consortia.core.aggregate import WeightedSum
@@ -112,4 +115,7 @@ class RelayRounds:
         state = decode(self.blobs.get(job.state_hash))[0] if job.state_hash else {}
         strategy = make_strategy(spec.strategy.name, spec.strategy.options)
         new_params, new_state = strategy.apply(current, mean, strategy_state(state))
+        new_state = {**new_state, **{k: v for k, v in state.items() if k.startswith("privacy/")}}
+        if "next_clip_norm" in info:  # adaptive clipping: the sites clip with this next round
+            new_state[CLIP_STATE] = np.array([info["next_clip_norm"]], np.float32)
         await self._close_train(job, spec, rnd, (new_params, new_state, info))

@@ -31,12 +31,14 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from consortia.coordinator.services.safeguards import CLIP_STATE
 from consortia.core.params import Params
+from consortia.core.privacy import AdaptiveClip, secure_bit_scale
 from consortia.core.robust import flatten, unflatten
 from consortia.core.secagg import SecAggConfig, SecAggError, ServerSession
 from consortia.errors import ConflictError, PermissionDeniedError, UpdateError, ValidationError
 from consortia.protocol.schemas import JobSpec
-from consortia.protocol.tensors import decode_wire
+from consortia.protocol.tensors import decode, decode_wire
 from consortia.store.entities import Principal, Round, Task, utcnow
 
 if TYPE_CHECKING:
@@ -85,6 +87,8 @@ class SecureRound:
     tasks: dict[int, Task] = field(default_factory=dict)
     opened: datetime = field(default_factory=utcnow)
     stage_seconds_taken: list[float] = field(default_factory=list)
+    clip_norm: float | None = None  # DP: this round's clipping norm (adaptive: from the job's state)
+    extra: int = 0  # values after the model's: 1 with adaptive clipping (the sites' noised bits)
 
     def public_config(self, site_id: int) -> dict[str, Any]:
         """What a site needs to build its :class:`SiteSession` (all public)."""
@@ -99,6 +103,8 @@ class SecureRound:
             "graph_seed": c.graph_seed,
             "size": self.server.size,
             "names": self.names,
+            "clip_norm": self.clip_norm,
+            "extra": self.extra,
         }
 
 
@@ -123,7 +129,8 @@ class SecureAggregator:
         threshold = max(2, math.ceil(sa.threshold * (probe.k + 1)))
         config = SecAggConfig(sites, threshold, sa.clip_range, context, seed, sa.degree)
         names = sorted(current)
-        size = int(sum(np.size(current[k]) for k in names))
+        extra = 1 if spec.privacy is not None and spec.privacy.adaptive_clipping is not None else 0
+        size = int(sum(np.size(current[k]) for k in names)) + extra
         st = SecureRound(
             round_id=rnd.id,
             job_id=rnd.job_id,
@@ -136,10 +143,19 @@ class SecureAggregator:
             stage_seconds=sa.stage_seconds,
             expected=set(sites),
             tasks={t.id: t for t in rnd.tasks},
+            clip_norm=self._clip_norm(rnd.job_id, spec),
+            extra=extra,
         )
         self.sessions[rnd.id] = st
         self._tasks.update(st.tasks)
         return st
+
+    def _clip_norm(self, job_id: int, spec: JobSpec) -> float | None:
+        if spec.privacy is None:
+            return None
+        job = self.rounds.store.get_job(job_id)
+        state = decode(self.rounds.blobs.get(job.state_hash))[0] if job.state_hash else {}
+        return float(state[CLIP_STATE][0]) if CLIP_STATE in state else spec.privacy.clip_norm
 
     def task(self, principal: Principal, task_id: int) -> Task:
         """The caller's task for a stage call: from the open sessions (no database read:
@@ -358,6 +374,10 @@ class SecureAggregator:
         weight_sum, values = c.decode(total, count)
         base = flatten(current, st.names)
         divisor = expected if spec.privacy is not None else max(weight_sum, 1e-12)
+        adaptive = None
+        if st.extra:  # the last value is the sum of the survivors' noised, shifted, scaled bits
+            values, bits = values[: -st.extra], float(values[-1])
+            adaptive = self._next_clip(spec, st, bits, count, expected)
         delta = values / divisor
         info = {
             "secure_aggregation": {
@@ -371,4 +391,23 @@ class SecureAggregator:
                 "stage_seconds": st.stage_seconds_taken,
             }
         }
+        if st.clip_norm is not None:
+            info["privacy"] = {"clip_norm": st.clip_norm, "noise": "distributed"}
+        if adaptive is not None:
+            info["privacy"]["within_share"] = adaptive[0]
+            info["next_clip_norm"] = adaptive[1]
         return unflatten(base + delta, current, st.names), info
+
+    @staticmethod
+    def _next_clip(spec: JobSpec, st: SecureRound, bits: float, count: int, expected: int) -> tuple[float, float]:
+        """``(noised share of sites within the norm, next norm)`` from the bits' sum: each
+        survivor sent ``(b - 1/2 + noise) * scale``; the share's denominator is the number
+        sampled, as in the central case (Andrew et al. 2021)."""
+        assert spec.privacy is not None and spec.privacy.adaptive_clipping is not None and st.clip_norm is not None
+        c = st.config
+        bit_std = expected / 20.0
+        scale = secure_bit_scale(bit_std / math.sqrt(c.threshold), c.clip_range)
+        within = bits / scale + 0.5 * count
+        share = within / max(expected, 1)
+        ac = AdaptiveClip(spec.privacy.adaptive_clipping.quantile, spec.privacy.adaptive_clipping.learning_rate)
+        return share, ac.from_share(st.clip_norm, share)
