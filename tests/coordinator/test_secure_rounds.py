@@ -10,7 +10,7 @@ from consortia.errors import NotFoundError, PermissionDeniedError, ValidationErr
 from consortia.protocol.tensors import decode
 from consortia.site import secure as site_secure
 from consortia.site.tasks import dispatch
-from support import SPEC, run_concurrently
+from support import SPEC, run_concurrently, synthetic_frame
 
 SECURE = {**SPEC, "name": "secure-job", "min_sites": 3, "secure_aggregation": {"stage_seconds": 5}}
 
@@ -20,7 +20,8 @@ def _model(coord, job):
 
 
 def test_a_secure_job_gives_the_same_model_as_plain_fedavg(coord):
-    sites = [coord.site(f"bank-{i}") for i in range(4)]
+    # sites of 150 to 600 rows: the masked weights a_k = n_k / max n make it FedAvg's weighted mean
+    sites = [coord.site(f"bank-{i}", frame=synthetic_frame(150 * (i + 1), i)) for i in range(4)]
     secure, errors = run_concurrently(coord, sites, coord.admin.post_json("/v1/jobs", SECURE)["id"])
     assert secure["state"] == "completed", (secure["reason"], errors)
     plain = coord.wait_job(
@@ -32,8 +33,15 @@ def test_a_secure_job_gives_the_same_model_as_plain_fedavg(coord):
     train = [r for r in secure["rounds"] if r["kind"] == "train"]
     info = train[0]["metrics"]["secure_aggregation"]
     assert info["survivors"] == 4 and info["threshold"] == 3 and info["dropped_by_stage"] == {}
+    examples = [u.num_examples for u in coord.http.app.state.store.round_updates(_train_round_id(coord, secure))]
+    assert info["weight_sum"] == pytest.approx(sum(examples) / max(examples), abs=1e-4)  # 1/4 + 2/4 + 3/4 + 1
     card = coord.admin.get_json("/v1/registry/models/secure-job/versions/1/card")
     assert card["lineage"]["privacy"]["secure_aggregation"] is True
+
+
+def _train_round_id(coord, job):
+    store = coord.http.app.state.store
+    return next(r.id for r in store.job_rounds(job["id"]) if r.kind == "train")
 
 
 def test_no_individual_update_is_stored_by_the_coordinator(coord, monkeypatch):

@@ -152,12 +152,13 @@ def secure_update(
     advert = {"c_public": _b64(c_pk), "s_public": _b64(s_pk), "num_examples": num_examples}
     answer = _retry(ctx.client.post_json, f"{base_url}/keys?wait={WAIT}", advert)
     view = _wait(ctx, task, 1, until, answer)
+    max_examples = int(view.get("max_examples") or 0)  # in the stage-2 view only
     keys = {int(j): (_unb64(c), _unb64(s)) for j, (c, s) in view["keys"].items()}
     cts = session.share_keys(keys)
     shared = {"ciphertexts": {str(j): _b64(ct) for j, ct in cts.items()}}
     answer = _retry(ctx.client.post_json, f"{base_url}/shares?wait={WAIT}", shared)
     view = _wait(ctx, task, 2, until, answer)
-    weight = 1.0 if spec.privacy is not None else num_examples / max(int(view.get("max_examples") or 0), num_examples)
+    weight = 1.0 if spec.privacy is not None else num_examples / max(max_examples, num_examples)
     received = {int(j): _unb64(ct) for j, ct in view["ciphertexts"].items()}
     masked = session.masked_input(delta, weight, received, np.random.default_rng())
     body = encode_wire({"masked": masked}, {**meta, "encoding": "secagg/masked"})

@@ -13,8 +13,9 @@ and answers the upper coordinator with one result:
 - evaluate: one evaluation with summed histograms and example-weighted loss and accuracy.
 
 The hub enrolls at the upper coordinator with the one-time token on first start and keeps
-the site credential under ``HOME/upstream.credential`` (mode 0600). Jobs with secure
-aggregation are refused by the hub (relaying a masked sum is not supported yet).
+the site credential under ``HOME/upstream.credential`` (mode 0600). A job with secure
+aggregation is relayed as a secure round of the hub's own sites (at least three), whose
+unmasked regional mean the hub then masks again as one site of the upper round.
 """
 
 from __future__ import annotations
@@ -162,11 +163,16 @@ class HubAgent:
     async def handle(self, client: httpx.AsyncClient, task: TaskPublic) -> None:
         spec = JobSpec.model_validate(task.payload["spec"])
         if spec.secure_aggregation is not None:
-            await client.post(
-                f"/v1/tasks/{task.id}/refuse",
-                json={"rule": "hub.secure_aggregation", "reason": "this hub does not relay secure aggregation yet"},
-            )
-            return
+            active = [s for s in self.rounds.store.list_sites() if s.status == "active"]
+            if len(active) < 3:
+                reason = (
+                    f"this hub has {len(active)} active site(s); it relays a secure round only as a secure round "
+                    "of its own, which needs at least 3 (with fewer the hub could tell one site's update)"
+                )
+                await client.post(
+                    f"/v1/tasks/{task.id}/refuse", json={"rule": "hub.secure_aggregation", "reason": reason}
+                )
+                return
         global_in = None
         if task.global_hash is not None:
             if not self.rounds.blobs.exists(task.global_hash):
@@ -185,6 +191,10 @@ class HubAgent:
             await client.post(f"/v1/tasks/{task.id}/refuse", json={"rule": "hub.round", "reason": reason[:2000]})
             return
         out = (rnd.metrics or {}).get("relay") or {}
+        if task.kind == "train" and spec.secure_aggregation is not None:
+            assert rnd.global_out is not None and global_in is not None
+            await self._secure_upstream(client, task, spec, rnd.global_out, global_in, int(out["examples"]))
+            return
         if task.kind == "train":
             assert rnd.global_out is not None
             params = decode(self.rounds.blobs.get(rnd.global_out))[0]
@@ -196,6 +206,31 @@ class HubAgent:
             r = await client.post(f"/v1/tasks/{task.id}/result", json={key: out[key]})
         if r.status_code >= 400:
             log.warning("upstream refused the hub's %s result: %s", task.kind, r.text[:300])
+
+    async def _secure_upstream(
+        self, client: httpx.AsyncClient, task: TaskPublic, spec: JobSpec, mean: str, base: str, examples: int
+    ) -> None:
+        """Take part in the upper coordinator's secure round as one site, with the region's
+        mean (itself from a secure round: the hub never saw a single site's update) and
+        its total example count; the site's own protocol code runs in a worker thread."""
+        from consortia.site.client import CoordinatorClient
+        from consortia.site.secure import secure_update
+
+        token = str(client.headers["Authorization"]).removeprefix("Bearer ")
+        trained = decode(self.rounds.blobs.get(mean))[0]
+        params = decode(self.rounds.blobs.get(base))[0]
+        with CoordinatorClient(self.url, token) as upstream:
+            ctx = _UpstreamContext(upstream)
+            await asyncio.to_thread(
+                secure_update, ctx, task, spec, trained, params, {"num_examples": str(examples)}, examples
+            )
+
+
+class _UpstreamContext:
+    """What the site's secure-round code needs of a site context: a coordinator client."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
 
 
 def relay_spec(spec: JobSpec, upstream_job: int, url: str) -> dict[str, Any]:
@@ -209,14 +244,15 @@ def relay_spec(spec: JobSpec, upstream_job: int, url: str) -> dict[str, Any]:
         min_sites=1,  # the hub forwards what its sites delivered by the deadline
         round_deadline_seconds=spec.round_deadline_seconds * 0.8,  # ahead of the upper deadline
         robust=None,
-        privacy=None,
-        secure_aggregation=None,
+        privacy=None,  # DP noise, if any, is added by the hub upstream (the hub is the unit)
         compression={"method": "none", "topk_ratio": 0.01},
         strategy={"name": "fedprox" if spec.strategy.name == "fedprox" else "fedavg", "options": {}},
         relay={"upstream": url, "upstream_job": upstream_job},
     )
     if spec.strategy.name == "fedprox":
         raw["strategy"]["options"] = dict(spec.strategy.options)
+    if spec.secure_aggregation is not None:  # the region's round is secure too
+        raw.update(min_sites=3)
     return raw
 
 

@@ -112,6 +112,12 @@ class RelayRounds:
         assert rnd.global_in is not None
         current = self.params(rnd.global_in)
         mean, info = self.secure.mean(session, spec, current, len(rnd.tasks))
+        if spec.relay is not None:  # a hub's secure round: the region's mean goes upstream, masked again
+            digest = self.blobs.put(encode(mean))
+            examples = sum(session.counts[j] for j in session.server.masked)
+            metrics = {**round_metrics(self.store.round_updates(rnd.id)), **info, "relay": {"examples": examples}}
+            self.store.close_round(rnd, "closed", {"global_out": digest, "metrics": metrics})
+            return
         state = decode(self.blobs.get(job.state_hash))[0] if job.state_hash else {}
         strategy = make_strategy(spec.strategy.name, spec.strategy.options)
         new_params, new_state = strategy.apply(current, mean, strategy_state(state))

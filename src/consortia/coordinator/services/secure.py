@@ -283,7 +283,8 @@ class SecureAggregator:
         if st.stage == 2:
             keys = st.server.keys_for(site_id)
             out["keys"] = {str(j): [b64e(c), b64e(s)] for j, (c, s) in keys.items()}
-            out["max_examples"] = max(st.counts[j] for j in keys)
+            # one denominator for every site (a_k = n_k / max n), so the weights stay comparable
+            out["max_examples"] = max(st.counts.values())
         elif st.stage == 3:
             out["ciphertexts"] = {str(j): b64e(ct) for j, ct in st.server.ciphertexts_for(site_id).items()}
         elif st.stage == 4:
