@@ -244,7 +244,7 @@ def relay_spec(spec: JobSpec, upstream_job: int, url: str) -> dict[str, Any]:
         min_sites=1,  # the hub forwards what its sites delivered by the deadline
         round_deadline_seconds=spec.round_deadline_seconds * 0.8,  # ahead of the upper deadline
         robust=None,
-        privacy=None,  # DP noise, if any, is added by the hub upstream (the hub is the unit)
+        privacy=None,  # DP applies upstream, the hub as the unit (its noise share added there if secure)
         compression={"method": "none", "topk_ratio": 0.01},
         strategy={"name": "fedprox" if spec.strategy.name == "fedprox" else "fedavg", "options": {}},
         relay={"upstream": url, "upstream_job": upstream_job},
