@@ -562,6 +562,10 @@ def _poll(fn: Any, timeout: float, every: float = 0.5) -> Any:
     return None
 
 
+def _with_interventional(incident: dict[str, Any]) -> dict[str, Any] | None:
+    return incident if any(c.get("method") == "interventional" for c in incident["causes"]) else None
+
+
 def close_the_loop(
     fed: Federation,
     admin: Any,
@@ -643,7 +647,10 @@ def close_the_loop(
         if incident is None:
             raise ConsortiaError(f"no incident opened at {site} within 180 s of the injected drift.")
         run = _poll(lambda: next(iter(admin.get_json("/v1/automation/runs")), None), 30)
-        incident = admin.get_json(f"/v1/incidents/{incident['id']}")
+        # the incident is re-ranked on every window; an interventional estimate needs a window
+        # with enough sampled rows, which a loaded machine may not have filled yet
+        url = f"/v1/incidents/{incident['id']}"
+        incident = _poll(lambda: _with_interventional(admin.get_json(url)), 60) or admin.get_json(url)
         console.print(f"[bold]incident {incident['id']}[/] ({incident['priority']}): {escape(incident['summary'])}")
         table = Table("rank", "cause", "target", "effect", "95% CI", "method", title="ranked causes")
         for k, c in enumerate(incident["causes"][:5], 1):
