@@ -39,13 +39,14 @@ from consortia.errors import StrategyError, UpdateError
 __all__ = [
     "AdaptiveClip",
     "DpRound",
+    "bit_noise_std",
     "clip",
     "delta_noise_multiplier",
     "epsilon",
     "gaussian",
     "noised_mean",
     "rounds_within_budget",
-    "secure_bit_scale",
+    "secure_bit_encoding",
     "site_noise_std",
 ]
 
@@ -200,20 +201,29 @@ class AdaptiveClip:
         return float(norm * math.exp(-self.lr * (share - self.quantile)))
 
 
-def secure_bit_scale(bit_site_std: float, clip_range: float) -> float:
-    """Scale for carrying a site's noised clipping bit as one more value of a secure
-    round: ``(b - 1/2 + noise) * scale`` stays within ``clip_range`` unless the noise
-    passes 6 of its standard deviations (probability ~2e-9; clipped there, as the
-    deltas' own noised values are).
+def bit_noise_std(expected_sites: int) -> float:
+    """Standard deviation of the noise on the count of sites within the clipping norm:
+    ``m / 20`` for ``m`` sites sampled (Andrew et al. 2021's recommendation)."""
+    return expected_sites / 20.0
+
+
+def secure_bit_encoding(expected_sites: int, threshold: int, clip_range: float) -> tuple[float, float]:
+    """``(site_std, scale)`` for carrying a site's clipping bit in a secure round: each
+    site adds noise of ``site_std`` (its ``1 / threshold`` share of the bits' variance) and
+    sends ``(b - 1/2 + noise) * scale``, which stays within ``clip_range`` unless the
+    noise passes 6 of its standard deviations (probability ~2e-9; clipped there, as the
+    deltas' own noised values are). Sites and the coordinator both call this, so they
+    agree on the encoding.
 
     Examples
     --------
-    >>> secure_bit_scale(0.25, 1.0)
-    0.5
+    >>> secure_bit_encoding(20, 16, 1.0)
+    (0.25, 0.5)
     """
-    if not (math.isfinite(bit_site_std) and bit_site_std >= 0):
-        raise StrategyError(f"bit noise std == {bit_site_std!r}, must be >= 0.")
-    return clip_range / (0.5 + 6.0 * bit_site_std)
+    if threshold < 1:
+        raise StrategyError(f"threshold == {threshold!r}, must be >= 1.")
+    site_std = bit_noise_std(expected_sites) / math.sqrt(threshold)
+    return site_std, clip_range / (0.5 + 6.0 * site_std)
 
 
 @dataclass(frozen=True)

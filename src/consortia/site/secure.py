@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from consortia.core.privacy import clip, delta_noise_multiplier, gaussian, secure_bit_scale, site_noise_std
+from consortia.core.privacy import (
+    bit_noise_std,
+    clip,
+    delta_noise_multiplier,
+    gaussian,
+    secure_bit_encoding,
+    site_noise_std,
+)
 from consortia.core.robust import flatten
 from consortia.core.secagg import SecAggConfig, SecAggError, SiteSession
 from consortia.errors import CoordinatorUnavailable
@@ -102,11 +109,9 @@ def _distributed_dp(spec: JobSpec, config: SecAggConfig, cfg: dict, delta: np.nd
     if p.adaptive_clipping is None:
         return delta + gaussian(delta.size, site_noise_std(norm, z, config.threshold))
     m = len(config.sites)
-    bit_std = m / 20.0  # on the bits' sum; each site adds its 1/t share of the variance
-    z = delta_noise_multiplier(z, bit_std)
+    z = delta_noise_multiplier(z, bit_noise_std(m))
     noisy = delta + gaussian(delta.size, site_noise_std(norm, z, config.threshold))
-    bit_site = bit_std / math.sqrt(config.threshold)
-    scale = secure_bit_scale(bit_site, config.clip_range)
+    bit_site, scale = secure_bit_encoding(m, config.threshold, config.clip_range)
     bit = (float(raw_norm <= norm) - 0.5 + float(gaussian(1, bit_site)[0])) * scale
     return np.concatenate([noisy, [bit]])
 

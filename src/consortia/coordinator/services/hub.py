@@ -44,6 +44,8 @@ from consortia.protocol.schemas import (
     TaskPublic,
 )
 from consortia.protocol.tensors import decode, encode
+from consortia.site.client import CoordinatorClient
+from consortia.site.secure import secure_update
 
 if TYPE_CHECKING:
     from consortia.coordinator.services.rounds import RoundService
@@ -213,9 +215,6 @@ class HubAgent:
         """Take part in the upper coordinator's secure round as one site, with the region's
         mean (itself from a secure round: the hub never saw a single site's update) and
         its total example count; the site's own protocol code runs in a worker thread."""
-        from consortia.site.client import CoordinatorClient
-        from consortia.site.secure import secure_update
-
         token = str(client.headers["Authorization"]).removeprefix("Bearer ")
         trained = decode(self.rounds.blobs.get(mean))[0]
         params = decode(self.rounds.blobs.get(base))[0]

@@ -15,16 +15,25 @@ from typing import Any
 import numpy as np
 
 from consortia.core.params import Params
-from consortia.core.privacy import AdaptiveClip, DpRound, clip, delta_noise_multiplier, epsilon, noised_mean
+from consortia.core.privacy import (
+    AdaptiveClip,
+    DpRound,
+    bit_noise_std,
+    clip,
+    delta_noise_multiplier,
+    epsilon,
+    noised_mean,
+)
 from consortia.core.robust import flatten, make_rule, unflatten
 from consortia.errors import ConsortiaError, SpecError
-from consortia.protocol.schemas import JobSpec
+from consortia.protocol.schemas import JobSpec, PrivacySpec
 from consortia.store.entities import Round, Site
 from consortia.store.sqlstore import SqlStore
 
 __all__ = [
     "budget_check",
     "check_spec",
+    "current_clip_norm",
     "privacy_summary",
     "quarantine_flagged",
     "safeguarded_mean",
@@ -33,6 +42,12 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 CLIP_STATE = "privacy/clip_norm"
+
+
+def current_clip_norm(privacy: PrivacySpec, state: Params) -> float:
+    """The clipping norm a DP round uses: adaptive clipping's, kept in the job's server
+    state, or the spec's fixed one."""
+    return float(state[CLIP_STATE][0]) if CLIP_STATE in state else privacy.clip_norm
 
 
 def check_spec(spec: JobSpec) -> None:
@@ -68,12 +83,12 @@ def safeguarded_mean(
     new_state = dict(state)
     if spec.privacy is not None:
         p = spec.privacy
-        norm = float(state[CLIP_STATE][0]) if CLIP_STATE in state else p.clip_norm
+        norm = current_clip_norm(p, state)
         clipped, norms = zip(*(clip(d, norm) for d in deltas), strict=True)
         deltas = np.stack(clipped)
         z = p.noise_multiplier
         if p.adaptive_clipping is not None:  # the bits take part of the noise budget
-            bit_std = expected_sites / 20.0
+            bit_std = bit_noise_std(expected_sites)
             z = delta_noise_multiplier(p.noise_multiplier, bit_std)
             ac = AdaptiveClip(p.adaptive_clipping.quantile, p.adaptive_clipping.learning_rate)
             nxt = ac.next_norm(norm, np.array(norms) <= norm, bit_std=bit_std)

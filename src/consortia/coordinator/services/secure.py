@@ -31,9 +31,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from consortia.coordinator.services.safeguards import CLIP_STATE
+from consortia.coordinator.services.safeguards import current_clip_norm
 from consortia.core.params import Params
-from consortia.core.privacy import AdaptiveClip, secure_bit_scale
+from consortia.core.privacy import AdaptiveClip, secure_bit_encoding
 from consortia.core.robust import flatten, unflatten
 from consortia.core.secagg import SecAggConfig, SecAggError, ServerSession
 from consortia.errors import ConflictError, PermissionDeniedError, UpdateError, ValidationError
@@ -154,8 +154,9 @@ class SecureAggregator:
         if spec.privacy is None:
             return None
         job = self.rounds.store.get_job(job_id)
-        state = decode(self.rounds.blobs.get(job.state_hash))[0] if job.state_hash else {}
-        return float(state[CLIP_STATE][0]) if CLIP_STATE in state else spec.privacy.clip_norm
+        return current_clip_norm(
+            spec.privacy, decode(self.rounds.blobs.get(job.state_hash))[0] if job.state_hash else {}
+        )
 
     def task(self, principal: Principal, task_id: int) -> Task:
         """The caller's task for a stage call: from the open sessions (no database read:
@@ -405,9 +406,7 @@ class SecureAggregator:
         survivor sent ``(b - 1/2 + noise) * scale``; the share's denominator is the number
         sampled, as in the central case (Andrew et al. 2021)."""
         assert spec.privacy is not None and spec.privacy.adaptive_clipping is not None and st.clip_norm is not None
-        c = st.config
-        bit_std = expected / 20.0
-        scale = secure_bit_scale(bit_std / math.sqrt(c.threshold), c.clip_range)
+        _, scale = secure_bit_encoding(expected, st.config.threshold, st.config.clip_range)
         within = bits / scale + 0.5 * count
         share = within / max(expected, 1)
         ac = AdaptiveClip(spec.privacy.adaptive_clipping.quantile, spec.privacy.adaptive_clipping.learning_rate)
